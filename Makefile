@@ -1,0 +1,61 @@
+# finetune-operator: the targets a newcomer can guess.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEVCLUSTER := tests/cluster/devcluster.py
+
+.PHONY: help venv lint unit integration trainer-tests test crds cluster-binaries cluster-up cluster-down demo bench-trainer
+
+help:
+	@echo "make demo          bring up the local cluster and run a FineTuneJob on simulated A40 nodes"
+	@echo "make test          lint, unit, trainer and integration tests"
+	@echo "make lint          ruff, mypy and the import contract"
+	@echo "make crds          regenerate crds/ from the pydantic models"
+	@echo "make cluster-up    start the local control plane (builds it from source the first time)"
+	@echo "make cluster-down  stop it"
+	@echo "make bench-trainer packing and throughput benchmark of the trainer"
+
+# The virtual environment is rebuilt whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,trainer]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check operator trainer-image tests
+	$(VENV)/bin/ruff format --check operator trainer-image tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+trainer-tests: venv
+	$(VENV)/bin/pytest -q tests/trainer
+
+integration: venv cluster-binaries
+	$(VENV)/bin/pytest -q tests/integration
+
+test: lint unit trainer-tests integration
+
+crds: venv
+	$(PY) -m finetune_operator.crdgen crds
+
+cluster-binaries: venv
+	$(PY) $(DEVCLUSTER) build
+
+cluster-up: cluster-binaries
+	$(PY) $(DEVCLUSTER) up
+
+cluster-down: venv
+	$(PY) $(DEVCLUSTER) down
+
+demo: cluster-up
+	$(PY) -m finetune_operator.demo
+
+bench-trainer: venv
+	$(PY) -m finetune_trainer.bench
