@@ -1,0 +1,168 @@
+"""FineTuneJob.spec: Replicate's inputs under `input`, and Kubernetes' concerns in camelCase beside them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from finetune_operator.api.inputs import TrainingInput
+from finetune_operator.api.uris import DestinationURI, WeightsURI
+
+DEFAULT_MODEL = "meta/llama-2-7b"
+DEFAULT_GPU_PRODUCT = "NVIDIA-A40"
+_IMMUTABLE = "is immutable once the job exists; create a new FineTuneJob instead"
+
+# Strings under CEL rules carry a maxLength (and lists a maxItems): the API server estimates each rule's
+# cost from the largest value the schema allows and refuses a CRD whose rules could exceed its budget.
+DNS_NAME_LENGTH = 253
+LABEL_VALUE_LENGTH = 63
+LABEL_KEY_LENGTH = 317  # a 253-character DNS prefix, "/", and a 63-character name
+# A Kubernetes resource quantity ("32", "500m", "192Gi", "1e3"), checked at admission, not at pod creation.
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=32,
+        pattern=r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+))?$",
+    ),
+]
+
+
+def _immutable(field: str) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": f"{field} {_IMMUTABLE}"}]}
+
+
+class KubeModel(BaseModel):
+    """A model whose wire names are camelCase, as Kubernetes' own are."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+    )
+
+
+class ModelSpec(KubeModel):
+    model_config = ConfigDict(json_schema_extra=_immutable("spec.model"))
+
+    name: str = Field(DEFAULT_MODEL, min_length=1, max_length=DNS_NAME_LENGTH, description="Base model name.")
+    weights: WeightsURI | None = Field(
+        None,
+        description="Base weights (hf://, https://, s3://, gs://, pvc://). "
+        "Defaults to the operator's setting for the model name.",
+    )
+
+
+class Toleration(KubeModel):
+    key: str | None = Field(None, max_length=LABEL_KEY_LENGTH)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=LABEL_VALUE_LENGTH)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(KubeModel):
+    model_config = ConfigDict(json_schema_extra=_immutable("spec.resources"))
+
+    gpus_per_node: int = Field(8, ge=1, le=64, description="GPUs per trainer pod (nvidia.com/gpu).")
+    gpu_product: str = Field(
+        DEFAULT_GPU_PRODUCT,
+        min_length=1,
+        max_length=LABEL_VALUE_LENGTH,
+        description="Node label nvidia.com/gpu.product to schedule on.",
+    )
+    nodes: int = Field(1, ge=1, le=64, description="Trainer pods (one per node); world size = nodes x gpusPerNode.")
+    cpu: Quantity = Field("32", description="CPU request and limit per trainer pod.")
+    memory: Quantity = Field("192Gi", description="Memory request and limit per trainer pod.")
+    shared_memory: Quantity = Field("32Gi", description="Size of /dev/shm (NCCL and data loaders need it).")
+    node_selector: dict[str, Annotated[str, Field(max_length=LABEL_VALUE_LENGTH)]] = Field(
+        default_factory=dict, max_length=32, description="Extra node selector labels."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Extra tolerations.")
+    priority_class_name: str | None = Field(None, max_length=DNS_NAME_LENGTH)
+
+
+class LocalObjectReference(KubeModel):
+    name: str = Field(min_length=1)
+
+
+class SecretKeySelector(KubeModel):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    optional: bool | None = None
+
+
+class EnvVarSource(KubeModel):
+    secret_key_ref: SecretKeySelector | None = None
+    config_map_key_ref: SecretKeySelector | None = None
+
+
+class EnvVar(KubeModel):
+    name: str = Field(min_length=1)
+    value: str | None = None
+    value_from: EnvVarSource | None = None
+
+
+class EnvFromSource(KubeModel):
+    prefix: str | None = None
+    secret_ref: LocalObjectReference | None = None
+    config_map_ref: LocalObjectReference | None = None
+
+
+class FineTuneJobSpec(KubeModel):
+    """What to fine-tune (Replicate's inputs, the base model, the destination) and where it runs."""
+
+    # A transition rule on an optional field runs only when both old and new carry it; this one catches adding
+    # or removing a destination after create.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.destination) == has(oldSelf.destination)",
+                    "message": f"spec.destination {_IMMUTABLE}",
+                    "fieldPath": ".destination",
+                }
+            ]
+        }
+    )
+
+    input: TrainingInput = Field(
+        json_schema_extra=_immutable("spec.input"), description="Replicate's training inputs, verbatim."
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
+    destination: DestinationURI | None = Field(
+        None,
+        json_schema_extra=_immutable("spec.destination"),
+        description="Where the output weights go (s3://, gs://, pvc://). "
+        "Defaults to the operator's destination, under <namespace>/<name>/.",
+    )
+    resources: Resources = Field(default_factory=Resources, description="GPUs, nodes and placement.")
+    image: str | None = Field(None, description="Trainer image; defaults to the operator's.")
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    env: list[EnvVar] = Field(
+        default_factory=list, description="Extra environment; take secrets with valueFrom, never inline."
+    )
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list, description="Environment from Secrets or ConfigMaps (storage and hub tokens)."
+    )
+    suspend: bool = Field(False, description="Hold the job (no pods); Kueue sets and clears this too.")
+    cancel: bool = Field(
+        False,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "oldSelf == false || self == true",
+                    "message": "a canceled FineTuneJob stays canceled",
+                }
+            ]
+        },
+        description="Stop for good: the workload is removed and the status kept.",
+    )
+    backoff_limit: int = Field(3, ge=0, le=100, description="Retries of failures that are not the user's.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this long.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the FineTuneJob this long after it finished."
+    )

@@ -1,0 +1,137 @@
+"""FineTuneJob.status: what the operator reports back."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from finetune_operator.api.spec import KubeModel
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    QUEUED = "Queued"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELED)
+
+    @property
+    def replicate_status(self) -> str:
+        """The status Replicate's training API would show."""
+        if self is Phase.RUNNING:
+            return "processing"
+        if self.finished:
+            return self.value.lower()
+        return "starting"
+
+
+class ConditionType(StrEnum):
+    VALIDATED = "Validated"
+    ADMITTED = "Admitted"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+    SUSPENDED = "Suspended"
+
+
+class Condition(KubeModel):
+    type: ConditionType
+    status: str = Field(pattern="^(True|False|Unknown)$")
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class Progress(KubeModel):
+    epoch: float | None = None
+    total_epochs: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    percent: int | None = Field(None, ge=0, le=100)
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: int | None = None
+    last_heartbeat: str | None = None
+
+
+class Resolved(KubeModel):
+    """The batch plan and data sizes the run actually uses."""
+
+    world_size: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    effective_batch_size: int
+    train_rows: int | None = None
+    validation_rows: int | None = None
+    train_tokens: int | None = None
+    steps_per_epoch: int | None = None
+
+
+class ValidationSample(KubeModel):
+    epoch: float
+    prompt: str
+    completion: str
+
+
+class OutputFile(KubeModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class Output(KubeModel):
+    weights: str
+    files: list[OutputFile] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ErrorInfo(KubeModel):
+    reason: str
+    message: str
+    exit_code: int | None = None
+    pod: str | None = None
+
+
+class Workload(KubeModel):
+    job: str | None = None
+    service: str | None = None
+    config_map: str | None = None
+
+
+class FineTuneJobStatus(KubeModel):
+    """What the operator reports: phase, conditions, progress, the batch plan, logs, output weights."""
+
+    phase: Phase = Phase.PENDING
+    reason: str | None = Field(None, description="Why the job is in its phase: a word to search for.")
+    message: str | None = Field(None, description="The same, for a person.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        # One condition per type: server-side apply and strategic merges key the list by type.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    gpu_seconds: int | None = Field(None, description="GPU-seconds held by the trainer pods.")
+    restarts: int | None = Field(None, description="Trainer pods that failed and were retried.")
+    progress: Progress | None = None
+    resolved: Resolved | None = None
+    validation_samples: list[ValidationSample] = Field(default_factory=list)
+    logs: str | None = Field(None, description="The last lines of the rank-0 trainer log (bounded).")
+    output: Output | None = None
+    error: ErrorInfo | None = None
+    workload: Workload | None = None

@@ -1,0 +1,25 @@
+"""The trainer's input file: what the operator mounts at TRAINER_CONFIG_PATH in every trainer pod."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune_operator.api.inputs import TrainingInput
+
+TRAINER_CONFIG_PATH = "/etc/finetune/input.json"
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    input: TrainingInput
+    model_name: str = Field(description="Base model name, e.g. meta/llama-2-7b.")
+    weights: str = Field(description="Base weights: hf://, https://, s3://, gs://, pvc:// URI or a local directory.")
+    destination: str = Field(description="Where output weights go: s3://, gs://, pvc:// URI or a local directory.")
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1)
+    job: str = Field("", description="namespace/name of the FineTuneJob, for log lines and metadata.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
