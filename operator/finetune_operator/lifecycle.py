@@ -362,7 +362,7 @@ def _resolved(spec: FineTuneJobSpec, obs: Observation) -> Resolved:
     previous = obs.status.resolved
     if previous is not None:
         # Keep what the trainer reported (its start event) over what can only be estimated here.
-        merged = previous.model_dump(exclude_none=True)
+        merged = previous.model_dump(by_alias=False, exclude_none=True)
         resolved = resolved.model_copy(update={k: v for k, v in merged.items() if getattr(resolved, k) is None})
     return resolved
 

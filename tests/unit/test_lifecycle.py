@@ -1,0 +1,327 @@
+"""The FineTuneJob state machine, driven by API objects shaped as the API server returns them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from finetune_operator.api.inputs import TrainingInput
+from finetune_operator.api.spec import FineTuneJobSpec, Resources
+from finetune_operator.api.status import ConditionType, FineTuneJobStatus, Phase
+from finetune_operator.lifecycle import Action, Decision, Observation, decide, timestamp
+from finetune_operator.protocol import (
+    ErrorEvent,
+    OutputEvent,
+    OutputFile,
+    ResolvedRun,
+    ValidatedEvent,
+    encode,
+    termination_message,
+)
+
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+CREATED = timestamp(NOW - timedelta(minutes=10))
+
+
+def spec(**changes: Any) -> FineTuneJobSpec:
+    fields: dict[str, Any] = {"input": TrainingInput(train_data="s3://bucket/data.jsonl")}
+    fields.update(changes)
+    return FineTuneJobSpec(**fields)
+
+
+def observe(status: FineTuneJobStatus | None = None, **changes: Any) -> Observation:
+    fields: dict[str, Any] = {
+        "spec": spec(),
+        "status": status or FineTuneJobStatus(),
+        "generation": 1,
+        "created_at": CREATED,
+        "now": NOW,
+    }
+    fields.update(changes)
+    return Observation(**fields)
+
+
+def job(*conditions: tuple[str, str], suspend: bool = False, failed: int = 0) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "demo-train"},
+        "spec": {"suspend": suspend},
+        "status": {
+            "failed": failed,
+            "conditions": [
+                {"type": kind, "status": "True", "reason": reason, "message": f"{kind}: {reason}"}
+                for kind, reason in conditions
+            ],
+        },
+    }
+
+
+def pod(
+    name: str = "demo-train-0-abcde",
+    index: int = 0,
+    phase: str = "Running",
+    state: dict[str, Any] | None = None,
+    node: str | None = "gpu-node-0",
+    conditions: list[dict[str, Any]] | None = None,
+    created: str = "2026-11-28T11:55:00Z",
+) -> dict[str, Any]:
+    running = {"running": {"startedAt": "2026-11-28T11:56:00Z"}}
+    return {
+        "metadata": {
+            "name": name,
+            "creationTimestamp": created,
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+        },
+        "spec": {"nodeName": node} if node else {},
+        "status": {
+            "phase": phase,
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "trainer", "state": state if state is not None else running}],
+        },
+    }
+
+
+def terminated(exit_code: int, message: str = "", reason: str = "Error") -> dict[str, Any]:
+    return {
+        "terminated": {
+            "exitCode": exit_code,
+            "reason": reason,
+            "message": message,
+            "startedAt": "2026-11-28T11:56:00Z",
+            "finishedAt": "2026-11-28T11:58:00Z",
+        }
+    }
+
+
+def validated_status() -> FineTuneJobStatus:
+    return decide(observe(validation_job=job(("Complete", "Completed")))).status
+
+
+def condition(decision: Decision, kind: ConditionType) -> tuple[str, str]:
+    found = next(c for c in decision.status.conditions if c.type is kind)
+    return found.status, found.reason
+
+
+def test_new_job_validates_its_data_before_claiming_gpus() -> None:
+    decision = decide(observe())
+    assert decision.status.phase is Phase.VALIDATING
+    assert decision.actions == (Action.CREATE_VALIDATION,)
+    assert condition(decision, ConditionType.VALIDATED) == ("Unknown", "ValidatingData")
+    assert decision.status.created_at == CREATED
+    assert [n.reason for n in decision.notices] == ["ValidatingData", "BatchSizeRounded"]
+
+
+def test_valid_data_creates_the_training_job_and_records_row_counts() -> None:
+    summary = ValidatedEvent(
+        resolved=ResolvedRun(
+            world_size=8,
+            per_device_batch_size=1,
+            gradient_accumulation_steps=1,
+            effective_batch_size=8,
+            train_rows=950,
+            validation_rows=50,
+            train_tokens=123_456,
+        )
+    )
+    validation_pod = pod("demo-validate-x", phase="Succeeded", state=terminated(0, encode(summary), "Completed"))
+    decision = decide(
+        observe(
+            status=decide(observe()).status,
+            validation_job=job(("Complete", "Completed")),
+            validation_pods=[validation_pod],
+        )
+    )
+    assert decision.actions == (Action.CREATE_TRAINING,)
+    assert decision.status.phase is Phase.QUEUED
+    assert condition(decision, ConditionType.VALIDATED) == ("True", "DataValid")
+    resolved = decision.status.resolved
+    assert resolved is not None
+    assert (resolved.train_rows, resolved.validation_rows, resolved.train_tokens) == (950, 50, 123_456)
+    # 950 rows over 8 GPUs at one row each: ceil(ceil(950 / 8) / 1) / 1 steps.
+    assert resolved.steps_per_epoch == 119
+
+
+def test_default_batch_on_eight_gpus_is_rounded_up_to_eight_with_a_warning() -> None:
+    decision = decide(observe())
+    resolved = decision.status.resolved
+    assert resolved is not None
+    assert (resolved.world_size, resolved.per_device_batch_size, resolved.gradient_accumulation_steps) == (8, 1, 1)
+    assert resolved.effective_batch_size == 8
+    warnings = [n for n in decision.notices if n.reason == "BatchSizeRounded"]
+    assert warnings and warnings[0].type == "Warning"
+    assert "= 8" in warnings[0].message
+
+
+def test_bad_training_data_fails_with_the_line_number_and_no_gpu_job() -> None:
+    error = ErrorEvent(reason="InvalidTrainingData", message='train_data line 17: missing "completion"')
+    failed_pod = pod("demo-validate-x", phase="Failed", state=terminated(65, encode(error)))
+    decision = decide(
+        observe(
+            status=decide(observe()).status,
+            validation_job=job(("Failed", "PodFailurePolicy")),
+            validation_pods=[failed_pod],
+        )
+    )
+    assert decision.status.phase is Phase.FAILED
+    assert Action.CREATE_TRAINING not in decision.actions
+    assert decision.status.error is not None
+    assert decision.status.error.reason == "InvalidTrainingData"
+    assert decision.status.error.message == 'train_data line 17: missing "completion"'
+    assert decision.status.error.exit_code == 65
+    assert decision.status.error.pod == "demo-validate-x"
+    assert condition(decision, ConditionType.VALIDATED) == ("False", "InvalidTrainingData")
+    assert decision.notices[0].type == "Warning"
+
+
+def test_invalid_spec_fails_at_once() -> None:
+    decision = decide(observe(spec_error="spec.input.train_data: link-local addresses are not allowed"))
+    assert decision.status.phase is Phase.FAILED
+    assert decision.actions == ()
+    assert decision.status.error is not None
+    assert decision.status.error.reason == "InvalidSpec"
+
+
+def test_unreadable_spec_fails_without_touching_anything() -> None:
+    decision = decide(observe(spec=None, spec_error="spec.input.train_data: Field required"))
+    assert decision.status.phase is Phase.FAILED
+    assert decision.actions == ()
+
+
+def test_unschedulable_pods_queue_the_job_with_the_scheduler_reason() -> None:
+    message = "0/3 nodes are available: 2 Insufficient nvidia.com/gpu, 1 node(s) had untolerated taint."
+    pending = pod(
+        phase="Pending",
+        state={"waiting": {"reason": "ContainerCreating"}},
+        node=None,
+        conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+    )
+    decision = decide(observe(status=validated_status(), train_job=job(), train_pods=[pending]))
+    assert decision.status.phase is Phase.QUEUED
+    assert condition(decision, ConditionType.ADMITTED) == ("False", "Unschedulable")
+    assert decision.status.message == message
+    assert decision.notices[0].type == "Warning"
+    assert "nvidia.com/gpu" in decision.notices[0].message
+
+
+def test_scheduled_pods_that_pull_their_image_are_starting() -> None:
+    waiting = pod(state={"waiting": {"reason": "ImagePullBackOff", "message": "back-off pulling"}}, phase="Pending")
+    decision = decide(observe(status=validated_status(), train_job=job(), train_pods=[waiting]))
+    assert decision.status.phase is Phase.STARTING
+    assert "ImagePullBackOff" in (decision.status.message or "")
+
+
+def test_rank0_running_means_running_and_sets_started_at_once() -> None:
+    first = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()]))
+    assert first.status.phase is Phase.RUNNING
+    assert first.status.started_at == timestamp(NOW)
+    later = decide(observe(status=first.status, train_job=job(), train_pods=[pod()], now=NOW + timedelta(minutes=5)))
+    assert later.status.started_at == timestamp(NOW)
+    assert later.notices == ()
+    # 8 GPUs since 11:56, observed at 12:05.
+    assert later.status.gpu_seconds == 8 * 9 * 60
+    assert later.requeue_after is not None
+
+
+def test_success_reads_weights_from_the_rank0_termination_message() -> None:
+    output = OutputEvent(
+        weights="s3://bucket/ns/demo/",
+        files=[OutputFile(path="adapter_model.safetensors", size=16_801_880, sha256="ab" * 32)],
+        metrics={"train_loss": 1.2},
+    )
+    done = pod(phase="Succeeded", state=terminated(0, termination_message(output), "Completed"))
+    running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
+    decision = decide(observe(status=running, train_job=job(("Complete", "Completed")), train_pods=[done]))
+    assert decision.status.phase is Phase.SUCCEEDED
+    assert decision.status.output is not None
+    assert decision.status.output.weights == "s3://bucket/ns/demo/"
+    assert decision.status.output.files[0].size == 16_801_880
+    assert decision.status.completed_at == timestamp(NOW)
+    assert condition(decision, ConditionType.SUCCEEDED) == ("True", "TrainingSucceeded")
+    assert condition(decision, ConditionType.RUNNING) == ("False", "TrainingSucceeded")
+    assert decision.requeue_after is None
+
+
+def test_oom_kill_is_reported_with_exit_code_pod_and_log_tail() -> None:
+    oom = pod(phase="Failed", state=terminated(137, "step 40 loss 1.9\nCUDA out of memory", "OOMKilled"))
+    decision = decide(
+        observe(status=validated_status(), train_job=job(("Failed", "BackoffLimitExceeded")), train_pods=[oom])
+    )
+    error = decision.status.error
+    assert error is not None
+    assert (error.reason, error.exit_code, error.pod) == ("OOMKilled", 137, "demo-train-0-abcde")
+    assert "CUDA out of memory" in error.message
+
+
+def test_a_retried_failure_warns_and_counts_the_restart() -> None:
+    failed = pod("demo-train-0-aaaaa", phase="Failed", state=terminated(1), created="2026-11-28T11:50:00Z")
+    decision = decide(
+        observe(status=validated_status(), train_job=job(failed=1), train_pods=[failed, pod("demo-train-0-bbbbb")])
+    )
+    assert decision.status.phase is Phase.RUNNING
+    assert decision.status.restarts == 1
+    restarts = [n for n in decision.notices if n.reason == "TrainerRestarted"]
+    assert restarts and "retry 1 of 3" in restarts[0].message
+
+
+def test_cancel_removes_the_workload_and_keeps_the_status() -> None:
+    running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
+    decision = decide(observe(status=running, spec=spec(cancel=True), train_job=job(), train_pods=[pod()]))
+    assert decision.status.phase is Phase.CANCELED
+    assert decision.actions == (Action.DELETE_WORKLOAD,)
+    assert decision.status.started_at == running.started_at
+    again = decide(observe(status=decision.status, spec=spec(cancel=True), train_job=job()))
+    assert again.actions == (Action.DELETE_WORKLOAD,)
+    gone = decide(observe(status=decision.status, spec=spec(cancel=True)))
+    assert gone.actions == ()
+
+
+def test_suspend_and_resume_the_training_job() -> None:
+    running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
+    suspending = decide(observe(status=running, spec=spec(suspend=True), train_job=job(), train_pods=[pod()]))
+    assert suspending.actions == (Action.SUSPEND_TRAINING,)
+    assert suspending.status.phase is Phase.SUSPENDED
+    suspended = decide(observe(status=suspending.status, spec=spec(suspend=True), train_job=job(suspend=True)))
+    assert suspended.actions == ()
+    resuming = decide(observe(status=suspended.status, train_job=job(suspend=True)))
+    assert resuming.actions == (Action.RESUME_TRAINING,)
+    assert condition(resuming, ConditionType.SUSPENDED) == ("False", "Resumed")
+
+
+def test_kueue_managed_job_waits_for_admission_without_being_unsuspended() -> None:
+    decision = decide(observe(status=validated_status(), kueue_managed=True, train_job=job(suspend=True)))
+    assert decision.actions == ()
+    assert decision.status.phase is Phase.QUEUED
+    assert decision.status.reason == "AwaitingAdmission"
+
+
+def test_finished_job_is_deleted_after_its_ttl() -> None:
+    finished = FineTuneJobStatus(phase=Phase.SUCCEEDED, completed_at=timestamp(NOW - timedelta(seconds=30)))
+    waiting = decide(observe(status=finished, spec=spec(ttl_seconds_after_finished=60)))
+    assert waiting.actions == ()
+    assert waiting.requeue_after == 30
+    expired = decide(observe(status=finished, spec=spec(ttl_seconds_after_finished=10)))
+    assert expired.actions == (Action.DELETE_FINETUNEJOB,)
+
+
+def test_finished_is_final() -> None:
+    finished = FineTuneJobStatus(phase=Phase.FAILED, completed_at=timestamp(NOW))
+    decision = decide(observe(status=finished, spec=spec(cancel=True), train_job=job()))
+    assert decision.status.phase is Phase.FAILED
+    assert decision.actions == ()
+
+
+def test_condition_transition_time_moves_only_when_its_status_changes() -> None:
+    first = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()]))
+    later = decide(replace(observe(status=first.status, train_job=job(), train_pods=[pod()]), now=NOW + timedelta(1)))
+    before = {c.type: c.last_transition_time for c in first.status.conditions}
+    after = {c.type: c.last_transition_time for c in later.status.conditions}
+    assert before == after
+
+
+def test_two_node_job_is_running_only_when_rank0_runs() -> None:
+    two_nodes = spec(resources=Resources(nodes=2))
+    rank1_only = [pod("demo-train-1-x", index=1), pod("demo-train-0-y", index=0, phase="Pending", state={})]
+    decision = decide(observe(spec=two_nodes, status=validated_status(), train_job=job(), train_pods=rank1_only))
+    assert decision.status.phase is Phase.STARTING
+    assert decision.status.resolved is not None
+    assert decision.status.resolved.world_size == 16
