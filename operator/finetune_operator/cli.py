@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # kopf reports every handled watch event at INFO; ours only enqueue work, so that is noise.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = Settings()
     start_http_server(settings.metrics_port)
     import finetune_operator.handlers  # noqa: F401  (registers the handlers with kopf)

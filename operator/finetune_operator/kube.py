@@ -58,6 +58,16 @@ class KubeApi:
         items: list[Obj] = _json(response).get("items", [])
         return items
 
+    def container_terminated(self, namespace: str, pod: str, container: str) -> bool:
+        """Whether the container has stopped for good (or its pod is gone)."""
+        found = _or_none(lambda: _json(self.core.read_namespaced_pod(pod, namespace, _preload_content=False)))
+        if found is None:
+            return True
+        for status in found.get("status", {}).get("containerStatuses", []) or []:
+            if status.get("name") == container:
+                return "terminated" in (status.get("state") or {})
+        return found.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
     def create(self, manifest: Mapping[str, Any]) -> None:
         """Create a child; one that already exists is left as it is, so a restarted operator makes no twin."""
         namespace = manifest["metadata"]["namespace"]

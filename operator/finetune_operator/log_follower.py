@@ -75,11 +75,13 @@ class LogFollowers:
         for attempt in range(_RETRIES):
             try:
                 self._read(stream, stop)
-                break
+                if stop.is_set() or self._api.container_terminated(stream.namespace, stream.pod, stream.container):
+                    break
+                log.info("log stream of pod %s ended while it runs; reading it again", stream.pod)
             except Exception as error:  # the API server or the kubelet dropped the stream: read it again
                 log.warning("log stream of pod %s broke (%s); reading it again", stream.pod, error)
-                if stop.wait(min(30.0, 2.0**attempt)):
-                    break
+            if stop.wait(min(30.0, 2.0**attempt)):
+                break
         with self._lock:
             if self._active.get(stream.uid, (None, None))[1] is stop:
                 del self._active[stream.uid]

@@ -1,0 +1,502 @@
+"""The operator, as a real process, against the real API server; kwok's simulated A40 nodes run the pods.
+
+A test plays the trainer: it writes the trainer's log lines into the simulated pod's log and ends the pod's
+container with an exit code and termination message (tests/cluster/README.md says how). Everything else is real:
+the operator process, the Job controller, the scheduler, garbage collection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kwokpods import PodLogs, register_namespace_logs, terminate_pod, wait_for
+from test_crd_validation import install_crd
+from testcluster import DevCluster
+
+from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from finetune_operator.protocol import (
+    EXIT_USER_ERROR,
+    ErrorEvent,
+    EvalEvent,
+    OutputEvent,
+    OutputFile,
+    ProgressEvent,
+    ResolvedRun,
+    SampleEvent,
+    StartEvent,
+    ValidatedEvent,
+    encode,
+    termination_message,
+)
+
+pytestmark = pytest.mark.integration
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DESTINATION = "s3://finetune-outputs"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class OperatorProcess:
+    """`finetune-operator run` watching one namespace."""
+
+    namespace: str
+    kubeconfig: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
+            "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+            "FINETUNE_METRICS_PORT": str(free_port()),
+        }
+        command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
+        command += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """Kill -9: no clean-up of any kind, as when a node dies under the operator."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        return self.process.returncode
+
+
+class Cluster:
+    """What a test does to and reads from the cluster, in the words of a FineTuneJob user."""
+
+    def __init__(self, devcluster: DevCluster, namespace: str, logs: PodLogs) -> None:
+        self.devcluster = devcluster
+        self.namespace = namespace
+        self.logs = logs
+        self.api = devcluster.api
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def apply_example(self, file_name: str, name: str | None = None, **spec_changes: Any) -> str:
+        manifest = yaml.safe_load((EXAMPLES / file_name).read_text())
+        manifest["metadata"]["name"] = name or manifest["metadata"]["name"]
+        manifest["metadata"].pop("namespace", None)
+        manifest["spec"].update(spec_changes)
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)
+        return str(manifest["metadata"]["name"])
+
+    def create(self, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> str:
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "labels": labels or {}}}
+        body["spec"] = spec
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+        return name
+
+    def patch_spec(self, name: str, **changes: Any) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": changes})
+
+    def get(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return found
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def wait_status(self, name: str, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 90) -> Any:
+        return wait_for(
+            lambda: (lambda status: status if check(status) else None)(self.status(name)),
+            timeout=timeout,
+            interval=0.5,
+            description=f"{name}: {what} (status now: {json.dumps(self.status(name))[:1500]})",
+        )
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
+        status: dict[str, Any] = self.wait_status(name, lambda s: s.get("phase") == phase, f"phase {phase}", timeout)
+        return status
+
+    def pods(self, name: str, component: str) -> list[Any]:
+        selector = f"finetune.dev/job-name={name},app.kubernetes.io/component={component}"
+        return list(self.core.list_namespaced_pod(self.namespace, label_selector=selector).items)
+
+    def wait_pod(
+        self, name: str, component: str, index: int | None = 0, phase: str = "Running", exclude: set[str] = set()
+    ) -> str:  # noqa: B006
+        def probe() -> str | None:
+            for pod in self.pods(name, component):
+                pod_index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index")
+                if pod.metadata.name in exclude or pod.status.phase != phase:
+                    continue
+                if index is not None and pod_index != str(index):
+                    continue
+                return str(pod.metadata.name)
+            return None
+
+        pod: str = wait_for(probe, timeout=90, interval=0.5, description=f"{component} pod {index} of {name} {phase}")
+        return pod
+
+    def pass_validation(self, name: str, train_rows: int = 950) -> None:
+        pod = self.wait_pod(name, "validation", index=None)
+        summary = ValidatedEvent(
+            resolved=ResolvedRun(
+                world_size=8,
+                per_device_batch_size=1,
+                gradient_accumulation_steps=1,
+                effective_batch_size=8,
+                train_rows=train_rows,
+                validation_rows=50,
+                train_tokens=200_000,
+            )
+        )
+        terminate_pod(self.api, self.namespace, pod, 0, message=encode(summary))
+
+    def events(self, name: str) -> list[Any]:
+        selector = f"involvedObject.name={name},involvedObject.kind={KIND}"
+        return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
+
+    def event_reasons(self, name: str) -> set[str]:
+        return {event.reason for event in self.events(name)}
+
+    def jobs(self, name: str) -> list[Any]:
+        return list(
+            self.batch.list_namespaced_job(self.namespace, label_selector=f"finetune.dev/job-name={name}").items
+        )
+
+
+@pytest.fixture
+def cluster(devcluster: DevCluster, namespace: str) -> Cluster:
+    install_crd(devcluster.api)
+    # Every pod in the test's namespace serves this file as its log: the test writes the trainer's output there.
+    logs = register_namespace_logs(devcluster.api, namespace, devcluster.pod_log_file(namespace, "all-pods"))
+    return Cluster(devcluster, namespace, logs)
+
+
+@pytest.fixture
+def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+    sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
+
+
+def progress_lines(total_steps: int = 30) -> list[str]:
+    lines = [
+        "Loading checkpoint shards: 100%|##########| 2/2",
+        encode(StartEvent(world_size=8, total_steps=total_steps, epochs=3)),
+    ]
+    for step in range(1, total_steps + 1):
+        lines.append(f"{{'loss': {2.5 - step * 0.05:.3f}, 'step': {step}}}")
+        lines.append(
+            encode(
+                ProgressEvent(
+                    step=step,
+                    total_steps=total_steps,
+                    epoch=3 * step / total_steps,
+                    loss=2.5 - step * 0.05,
+                    learning_rate=1e-4,
+                    tokens_per_second=15_000,
+                    eta_seconds=total_steps - step,
+                )
+            )
+        )
+    lines.append(encode(EvalEvent(epoch=3, eval_loss=1.2, perplexity=3.3)))
+    lines.append(encode(SampleEvent(epoch=3, prompt="What is LoRA?", completion="A low-rank adapter.")))
+    return lines
+
+
+OUTPUT = OutputEvent(
+    weights=f"{DESTINATION}/NAMESPACE/JOB/",
+    files=[
+        OutputFile(path="adapter_model.safetensors", size=16_801_880, sha256="a" * 64),
+        OutputFile(path="adapter_config.json", size=612, sha256="b" * 64),
+    ],
+    metrics={"train_loss": 1.0, "eval_loss": 1.2},
+)
+
+
+def test_minimal_example_runs_to_success_with_progress_and_weights(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.apply_example("finetunejob.yaml")
+    cluster.wait_phase(name, "Validating")
+    cluster.pass_validation(name)
+    running = cluster.wait_phase(name, "Running")
+    assert running["resolved"]["trainRows"] == 950
+    assert running["workload"]["job"] == f"{name}-train"
+    pod = cluster.wait_pod(name, "training")
+    train_pod = cluster.core.read_namespaced_pod(pod, cluster.namespace)
+    assert train_pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "8"
+    assert train_pod.spec.node_selector["nvidia.com/gpu.product"] == "NVIDIA-A40"
+
+    cluster.logs.write(*progress_lines(30))
+    progressed = cluster.wait_status(
+        name, lambda s: s.get("progress", {}).get("step") == 30, "progress from the trainer log"
+    )
+    assert progressed["progress"]["totalSteps"] == 30
+    assert progressed["progress"]["percent"] == 100
+    assert progressed["progress"]["evalLoss"] == 1.2
+    assert progressed["validationSamples"] == [
+        {"epoch": 3.0, "prompt": "What is LoRA?", "completion": "A low-rank adapter."}
+    ]
+    assert progressed["logs"].endswith(progress_lines(30)[-1])
+
+    terminate_pod(cluster.api, cluster.namespace, pod, 0, message=termination_message(OUTPUT))
+    done = cluster.wait_phase(name, "Succeeded")
+    assert done["output"]["weights"] == OUTPUT.weights
+    assert done["output"]["files"][0] == {"path": "adapter_model.safetensors", "size": 16_801_880, "sha256": "a" * 64}
+    assert done["completedAt"] >= done["startedAt"] >= done["createdAt"]
+    assert done["gpuSeconds"] >= 0
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in done["conditions"]}
+    assert conditions["Succeeded"] == ("True", "TrainingSucceeded")
+    assert conditions["Validated"] == ("True", "DataValid")
+    assert done["observedGeneration"] == 1
+    assert {"ValidatingData", "TrainingRunning", "TrainingSucceeded", "BatchSizeRounded"} <= cluster.event_reasons(name)
+
+
+def test_user_error_exit_fails_at_once_without_retry(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.apply_example("finetunejob.yaml", backoffLimit=3)
+    cluster.pass_validation(name)
+    pod = cluster.wait_pod(name, "training")
+    error = ErrorEvent(reason="InvalidTrainingData", message='train_data line 17: missing "completion"')
+    terminate_pod(cluster.api, cluster.namespace, pod, EXIT_USER_ERROR, message=encode(error))
+    failed = cluster.wait_phase(name, "Failed")
+    assert failed["error"] == {
+        "reason": "InvalidTrainingData",
+        "message": 'train_data line 17: missing "completion"',
+        "exitCode": 65,
+        "pod": pod,
+    }
+    assert len(cluster.pods(name, "training")) == 1  # no retry
+    assert "InvalidTrainingData" in cluster.event_reasons(name)
+
+
+def test_bad_training_data_fails_in_validation_before_any_gpu_is_claimed(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    name = cluster.apply_example("finetunejob.yaml")
+    pod = cluster.wait_pod(name, "validation", index=None)
+    assert "nvidia.com/gpu" not in (
+        cluster.core.read_namespaced_pod(pod, cluster.namespace).spec.containers[0].resources.limits or {}
+    )
+    error = ErrorEvent(reason="InvalidTrainingData", message="train_data line 3: not a JSON object")
+    terminate_pod(cluster.api, cluster.namespace, pod, EXIT_USER_ERROR, message=encode(error))
+    failed = cluster.wait_phase(name, "Failed")
+    assert failed["error"]["message"] == "train_data line 3: not a JSON object"
+    assert [job.metadata.name for job in cluster.jobs(name)] == [f"{name}-validate"]
+
+
+def test_transient_failure_is_retried_then_succeeds(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.apply_example("finetunejob.yaml", backoffLimit=2)
+    cluster.pass_validation(name)
+    first = cluster.wait_pod(name, "training")
+    terminate_pod(cluster.api, cluster.namespace, first, 1, reason="Error", message="NCCL timeout")
+    second = cluster.wait_pod(name, "training", exclude={first})
+    restarted = cluster.wait_status(name, lambda s: s.get("restarts") == 1, "one restart counted")
+    assert restarted["phase"] in ("Starting", "Running")
+    terminate_pod(cluster.api, cluster.namespace, second, 0, message=termination_message(OUTPUT))
+    done = cluster.wait_phase(name, "Succeeded")
+    assert done["restarts"] == 1
+    assert "TrainerRestarted" in cluster.event_reasons(name)
+
+
+def test_sixteen_gpus_per_node_stay_queued_with_the_scheduler_reason(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    name = cluster.apply_example("finetunejob.yaml", resources={"gpusPerNode": 16})
+    cluster.pass_validation(name)
+    queued = cluster.wait_status(
+        name, lambda s: s.get("phase") == "Queued" and s.get("reason") == "Unschedulable", "Queued: Unschedulable"
+    )
+    assert "nvidia.com/gpu" in queued["message"]
+    admitted = next(c for c in queued["conditions"] if c["type"] == "Admitted")
+    assert admitted["status"] == "False"
+    assert "nvidia.com/gpu" in admitted["message"]
+
+
+def test_cancel_removes_the_workload_and_keeps_the_status(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.apply_example("finetunejob.yaml")
+    cluster.pass_validation(name)
+    cluster.wait_phase(name, "Running")
+    cluster.logs.write(*progress_lines(5))
+    cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 5, "progress")
+    cluster.patch_spec(name, cancel=True)
+    canceled = cluster.wait_phase(name, "Canceled")
+    wait_for(lambda: not cluster.jobs(name), timeout=60, description="the Jobs to be deleted")
+    wait_for(lambda: not cluster.pods(name, "training"), timeout=60, description="the pods to be deleted")
+    assert canceled["progress"]["step"] == 5
+    assert canceled["startedAt"]
+    assert cluster.status(name)["phase"] == "Canceled"
+
+
+def test_suspend_and_resume(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.apply_example("finetunejob.yaml")
+    cluster.pass_validation(name)
+    first = cluster.wait_pod(name, "training")
+    cluster.wait_phase(name, "Running")
+    cluster.patch_spec(name, suspend=True)
+    cluster.wait_phase(name, "Suspended")
+    wait_for(
+        lambda: (
+            not [
+                p
+                for p in cluster.pods(name, "training")
+                if p.status.phase == "Running" and not p.metadata.deletion_timestamp
+            ]
+        ),
+        timeout=60,
+        description="the trainer pods to be removed",
+    )
+    assert cluster.batch.read_namespaced_job(f"{name}-train", cluster.namespace).spec.suspend is True
+    cluster.patch_spec(name, suspend=False)
+    cluster.wait_pod(name, "training", exclude={first})
+    resumed = cluster.wait_phase(name, "Running")
+    suspended = next(c for c in resumed["conditions"] if c["type"] == "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Resumed")
+
+
+def test_operator_killed_mid_run_makes_no_duplicates_and_carries_on(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    name = cluster.apply_example("finetunejob.yaml")
+    cluster.pass_validation(name)
+    pod = cluster.wait_pod(name, "training")
+    cluster.wait_phase(name, "Running")
+    cluster.logs.write(*progress_lines(10)[:8])
+    cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 3, "progress before the kill")
+    operator.kill()
+    started_at = cluster.status(name)["startedAt"]
+    cluster.logs.write(*progress_lines(10)[8:])
+    operator.start()
+    cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 10, "progress after the restart")
+    terminate_pod(cluster.api, cluster.namespace, pod, 0, message=termination_message(OUTPUT))
+    done = cluster.wait_phase(name, "Succeeded")
+    assert done["startedAt"] == started_at
+    assert sorted(job.metadata.name for job in cluster.jobs(name)) == [f"{name}-train", f"{name}-validate"]
+    assert len(cluster.pods(name, "training")) == 1
+    config_maps = cluster.core.list_namespaced_config_map(
+        cluster.namespace, label_selector=f"finetune.dev/job-name={name}"
+    )
+    assert len(config_maps.items) == 1
+
+
+def test_two_node_qlora_example_gets_ranks_zero_and_one_behind_a_service(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    manifest = yaml.safe_load((EXAMPLES / "finetunejob-qlora-2node.yaml").read_text())
+    labels = manifest["metadata"].get("labels") or {}
+    # Without Kueue in this cluster, drop the queue label so the Job runs at once.
+    labels.pop("kueue.x-k8s.io/queue-name", None)
+    for secret, data in (("s3-credentials", {"AWS_ACCESS_KEY_ID": "x"}), ("huggingface", {"token": "x"})):
+        cluster.core.create_namespaced_secret(cluster.namespace, {"metadata": {"name": secret}, "stringData": data})
+    name = cluster.create(manifest["metadata"]["name"], manifest["spec"], labels)
+    cluster.pass_validation(name)
+    rank0 = cluster.wait_pod(name, "training", index=0)
+    rank1 = cluster.wait_pod(name, "training", index=1)
+    assert rank0 != rank1
+    service = cluster.core.read_namespaced_service(f"{name}-workers", cluster.namespace)
+    assert service.spec.cluster_ip == "None"
+    env = {e.name: e for e in cluster.core.read_namespaced_pod(rank1, cluster.namespace).spec.containers[0].env}
+    assert env["MASTER_ADDR"].value == f"{name}-train-0.{name}-workers"
+    assert env["NNODES"].value == "2"
+    assert env["NODE_RANK"].value_from.field_ref.field_path.endswith("['batch.kubernetes.io/job-completion-index']")
+    pod1 = cluster.core.read_namespaced_pod(rank1, cluster.namespace)
+    assert pod1.spec.subdomain == f"{name}-workers"
+    assert pod1.spec.hostname == f"{name}-train-1"
+    running = cluster.wait_phase(name, "Running")
+    assert running["resolved"]["worldSize"] == 16
+    assert running["workload"]["service"] == f"{name}-workers"
+
+
+def test_kueue_queue_label_creates_the_job_suspended_for_admission(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.create(
+        "queued-run", {"input": {"train_data": "https://example.com/data.jsonl"}}, {"kueue.x-k8s.io/queue-name": "a40"}
+    )
+    cluster.pass_validation(name)
+    queued = cluster.wait_status(name, lambda s: s.get("reason") == "AwaitingAdmission", "awaiting Kueue")
+    assert queued["phase"] == "Queued"
+    job = cluster.batch.read_namespaced_job(f"{name}-train", cluster.namespace)
+    assert job.spec.suspend is True
+    assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "a40"
+    # Kueue admits by unsuspending the Job; the operator must not suspend it again.
+    cluster.batch.patch_namespaced_job(f"{name}-train", cluster.namespace, {"spec": {"suspend": False}})
+    cluster.wait_phase(name, "Running")
+
+
+def test_chatty_trainer_log_tail_stays_within_its_bound(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.apply_example("finetunejob.yaml")
+    cluster.pass_validation(name)
+    cluster.wait_phase(name, "Running")
+    for chunk in range(20):
+        cluster.logs.write(*[f"chunk {chunk} line {i} " + "x" * 200 for i in range(250)])
+    cluster.logs.write("the last line")
+    status = cluster.wait_status(name, lambda s: (s.get("logs") or "").endswith("the last line"), "the last log line")
+    assert len(status["logs"].encode()) <= 8192
+    assert len(status["logs"].splitlines()) <= 40
+
+
+def test_deleting_a_finetunejob_removes_its_children_without_waiting(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    name = cluster.apply_example("finetunejob.yaml")
+    cluster.pass_validation(name)
+    cluster.wait_phase(name, "Running")
+    assert not cluster.get(name)["metadata"].get("finalizers")
+    operator.stop()  # deletion must not depend on the operator
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, name)
+
+    def gone() -> bool:
+        try:
+            cluster.get(name)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, timeout=30, description="the FineTuneJob to be deleted")
+    wait_for(lambda: not cluster.jobs(name), timeout=90, description="garbage collection of the Jobs")
+
+
+def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, operator: OperatorProcess) -> None:
+    name = cluster.apply_example("finetunejob.yaml", ttlSecondsAfterFinished=3)
+    cluster.pass_validation(name)
+    pod = cluster.wait_pod(name, "training")
+    terminate_pod(cluster.api, cluster.namespace, pod, 0, message=termination_message(OUTPUT))
+    cluster.wait_phase(name, "Succeeded")
+    start = time.monotonic()
+
+    def gone() -> bool:
+        try:
+            cluster.get(name)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, timeout=60, description="the TTL to delete the FineTuneJob")
+    assert time.monotonic() - start >= 1  # not at once: after the TTL
