@@ -133,12 +133,16 @@ class Cluster:
         return dict(self.get(name).get("status") or {})
 
     def wait_status(self, name: str, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 90) -> Any:
-        return wait_for(
-            lambda: (lambda status: status if check(status) else None)(self.status(name)),
-            timeout=timeout,
-            interval=0.5,
-            description=f"{name}: {what} (status now: {json.dumps(self.status(name))[:1500]})",
-        )
+        seen: dict[str, Any] = {}
+
+        def probe() -> dict[str, Any] | None:
+            seen["status"] = self.status(name)
+            return seen["status"] if check(seen["status"]) else None
+
+        try:
+            return wait_for(probe, timeout=timeout, interval=0.5, description=f"{name}: {what}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last status: {json.dumps(seen.get('status'))[:2000]}") from None
 
     def wait_phase(self, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
         status: dict[str, Any] = self.wait_status(name, lambda s: s.get("phase") == phase, f"phase {phase}", timeout)
@@ -149,8 +153,13 @@ class Cluster:
         return list(self.core.list_namespaced_pod(self.namespace, label_selector=selector).items)
 
     def wait_pod(
-        self, name: str, component: str, index: int | None = 0, phase: str = "Running", exclude: set[str] = set()
-    ) -> str:  # noqa: B006
+        self,
+        name: str,
+        component: str,
+        index: int | None = 0,
+        phase: str = "Running",
+        exclude: frozenset[str] = frozenset(),
+    ) -> str:
         def probe() -> str | None:
             for pod in self.pods(name, component):
                 pod_index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index")
@@ -318,7 +327,7 @@ def test_transient_failure_is_retried_then_succeeds(cluster: Cluster, operator: 
     cluster.pass_validation(name)
     first = cluster.wait_pod(name, "training")
     terminate_pod(cluster.api, cluster.namespace, first, 1, reason="Error", message="NCCL timeout")
-    second = cluster.wait_pod(name, "training", exclude={first})
+    second = cluster.wait_pod(name, "training", exclude=frozenset({first}))
     restarted = cluster.wait_status(name, lambda s: s.get("restarts") == 1, "one restart counted")
     assert restarted["phase"] in ("Starting", "Running")
     terminate_pod(cluster.api, cluster.namespace, second, 0, message=termination_message(OUTPUT))
@@ -376,7 +385,7 @@ def test_suspend_and_resume(cluster: Cluster, operator: OperatorProcess) -> None
     )
     assert cluster.batch.read_namespaced_job(f"{name}-train", cluster.namespace).spec.suspend is True
     cluster.patch_spec(name, suspend=False)
-    cluster.wait_pod(name, "training", exclude={first})
+    cluster.wait_pod(name, "training", exclude=frozenset({first}))
     resumed = cluster.wait_phase(name, "Running")
     suspended = next(c for c in resumed["conditions"] if c["type"] == "Suspended")
     assert (suspended["status"], suspended["reason"]) == ("False", "Resumed")
