@@ -55,7 +55,7 @@ cluster-down: venv
 	$(PY) $(DEVCLUSTER) down
 
 demo: cluster-up
-	$(PY) -m finetune_operator.demo
+	$(PY) tests/cluster/demo.py
 
 bench-trainer: venv
 	$(PY) -m finetune_trainer.bench

@@ -1,0 +1,200 @@
+"""Driving the operator and its FineTuneJobs on the local cluster, as a user and as the trainer would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kwokpods import PodLogs, terminate_pod, wait_for
+from testcluster import DevCluster
+
+from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from finetune_operator.crdgen import custom_resource_definition
+from finetune_operator.protocol import ResolvedRun, ValidatedEvent, encode
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DESTINATION = "s3://finetune-outputs"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class OperatorProcess:
+    """`finetune-operator run` watching one namespace."""
+
+    namespace: str
+    kubeconfig: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
+            "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+            "FINETUNE_METRICS_PORT": str(free_port()),
+        }
+        command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
+        command += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """Kill -9: no clean-up of any kind, as when a node dies under the operator."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        return self.process.returncode
+
+
+class Cluster:
+    """What a test does to and reads from the cluster, in the words of a FineTuneJob user."""
+
+    def __init__(self, devcluster: DevCluster, namespace: str, logs: PodLogs) -> None:
+        self.devcluster = devcluster
+        self.namespace = namespace
+        self.logs = logs
+        self.api = devcluster.api
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def apply_example(self, file_name: str, name: str | None = None, **spec_changes: Any) -> str:
+        manifest = yaml.safe_load((EXAMPLES / file_name).read_text())
+        manifest["metadata"]["name"] = name or manifest["metadata"]["name"]
+        manifest["metadata"].pop("namespace", None)
+        manifest["spec"].update(spec_changes)
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)
+        return str(manifest["metadata"]["name"])
+
+    def create(self, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> str:
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "labels": labels or {}}}
+        body["spec"] = spec
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+        return name
+
+    def patch_spec(self, name: str, **changes: Any) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": changes})
+
+    def get(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return found
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def wait_status(self, name: str, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 90) -> Any:
+        seen: dict[str, Any] = {}
+
+        def probe() -> dict[str, Any] | None:
+            seen["status"] = self.status(name)
+            return seen["status"] if check(seen["status"]) else None
+
+        try:
+            return wait_for(probe, timeout=timeout, interval=0.5, description=f"{name}: {what}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last status: {json.dumps(seen.get('status'))[:2000]}") from None
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
+        status: dict[str, Any] = self.wait_status(name, lambda s: s.get("phase") == phase, f"phase {phase}", timeout)
+        return status
+
+    def pods(self, name: str, component: str) -> list[Any]:
+        selector = f"finetune.dev/job-name={name},app.kubernetes.io/component={component}"
+        return list(self.core.list_namespaced_pod(self.namespace, label_selector=selector).items)
+
+    def wait_pod(
+        self,
+        name: str,
+        component: str,
+        index: int | None = 0,
+        phase: str = "Running",
+        exclude: frozenset[str] = frozenset(),
+    ) -> str:
+        def probe() -> str | None:
+            for pod in self.pods(name, component):
+                pod_index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index")
+                if pod.metadata.name in exclude or pod.status.phase != phase:
+                    continue
+                if index is not None and pod_index != str(index):
+                    continue
+                return str(pod.metadata.name)
+            return None
+
+        pod: str = wait_for(probe, timeout=90, interval=0.5, description=f"{component} pod {index} of {name} {phase}")
+        return pod
+
+    def pass_validation(self, name: str, train_rows: int = 950) -> None:
+        pod = self.wait_pod(name, "validation", index=None)
+        summary = ValidatedEvent(
+            resolved=ResolvedRun(
+                world_size=8,
+                per_device_batch_size=1,
+                gradient_accumulation_steps=1,
+                effective_batch_size=8,
+                train_rows=train_rows,
+                validation_rows=50,
+                train_tokens=200_000,
+            )
+        )
+        terminate_pod(self.api, self.namespace, pod, 0, message=encode(summary))
+
+    def events(self, name: str) -> list[Any]:
+        selector = f"involvedObject.name={name},involvedObject.kind={KIND}"
+        return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
+
+    def event_reasons(self, name: str) -> set[str]:
+        return {event.reason for event in self.events(name)}
+
+    def jobs(self, name: str) -> list[Any]:
+        return list(
+            self.batch.list_namespaced_job(self.namespace, label_selector=f"finetune.dev/job-name={name}").items
+        )
+
+
+def install_crd(api: client.ApiClient) -> None:
+    """Create or replace the generated CRD and wait until it is Established (idempotent)."""
+    extensions = client.ApiextensionsV1Api(api)
+    crd = custom_resource_definition()
+    name = crd["metadata"]["name"]
+    try:
+        extensions.create_custom_resource_definition(crd)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+        crd["metadata"]["resourceVersion"] = extensions.read_custom_resource_definition(name).metadata.resource_version
+        extensions.replace_custom_resource_definition(name, crd)
+
+    def established() -> bool:
+        conditions = extensions.read_custom_resource_definition(name).status.conditions or []
+        return any(condition.type == "Established" and condition.status == "True" for condition in conditions)
+
+    wait_for(established, timeout=60, description=f"CRD {name} to be Established")
