@@ -25,11 +25,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Test directories are type-checked one at a time: each has its own conftest module.
 lint: venv
 	$(VENV)/bin/ruff check operator trainer-image tests
 	$(VENV)/bin/ruff format --check operator trainer-image tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests/unit
+	$(VENV)/bin/mypy tests/trainer
+	MYPYPATH=tests/cluster:tests/integration $(VENV)/bin/mypy --explicit-package-bases tests/cluster tests/integration
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/hadolint trainer-image/Dockerfile
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit

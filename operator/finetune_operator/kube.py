@@ -11,6 +11,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import ReadTimeoutError
 
 from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
 
@@ -123,22 +124,32 @@ class KubeApi:
             # An event is a courtesy: never let it fail a reconcile.
             log.warning("could not record event %s on %s: %s", reason, metadata["name"], error.reason)
 
-    def follow_log(self, namespace: str, pod: str, container: str) -> Iterator[str]:
-        """The container's log from its start, then new lines as they come, until the container stops."""
+    def follow_log(self, namespace: str, pod: str, container: str, idle_timeout: float) -> Iterator[str]:
+        """The container's log from its start, then new lines as they come, until the container stops.
+
+        Also ends when no byte arrives for `idle_timeout` seconds: the caller decides whether to follow again.
+        """
         response = self.core.read_namespaced_pod_log(
-            pod, namespace, container=container, follow=True, _preload_content=False
+            pod,
+            namespace,
+            container=container,
+            follow=True,
+            _preload_content=False,
+            _request_timeout=(10, idle_timeout),
         )
+        pending = b""
         try:
-            pending = b""
             for chunk in response.stream(4096, decode_content=True):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     yield line.decode("utf-8", errors="replace")
-            if pending:
-                yield pending.decode("utf-8", errors="replace")
+        except ReadTimeoutError:
+            return
         finally:
             response.release_conn()
+        if pending:
+            yield pending.decode("utf-8", errors="replace")
 
 
 def _json(response: Any) -> Obj:

@@ -20,6 +20,9 @@ from finetune_operator.trainer_log import TrainerLog
 
 log = logging.getLogger(__name__)
 _RETRIES = 5
+# A follow stream that stays silent this long is checked: some kubelets (and kwok) keep it open after the
+# container stopped. A trainer prints progress far more often than this.
+IDLE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,15 +75,17 @@ class LogFollowers:
             return len(self._active)
 
     def _run(self, stream: Stream, stop: threading.Event) -> None:
-        for attempt in range(_RETRIES):
+        failures = 0
+        while not stop.is_set():
             try:
                 self._read(stream, stop)
-                if stop.is_set() or self._api.container_terminated(stream.namespace, stream.pod, stream.container):
-                    break
-                log.info("log stream of pod %s ended while it runs; reading it again", stream.pod)
-            except Exception as error:  # the API server or the kubelet dropped the stream: read it again
-                log.warning("log stream of pod %s broke (%s); reading it again", stream.pod, error)
-            if stop.wait(min(30.0, 2.0**attempt)):
+                failures = 0
+            except Exception as error:  # the stream broke or went quiet: read it again unless the trainer ended
+                failures += 1
+                log.info("log stream of pod %s ended (%s)", stream.pod, error)
+            if failures > _RETRIES or self._stopped_for_good(stream):
+                break
+            if stop.wait(min(30.0, 2.0**failures)):
                 break
         with self._lock:
             if self._active.get(stream.uid, (None, None))[1] is stop:
@@ -90,11 +95,18 @@ class LogFollowers:
         if not stop.is_set():
             self._on_end(stream)
 
+    def _stopped_for_good(self, stream: Stream) -> bool:
+        try:
+            return self._api.container_terminated(stream.namespace, stream.pod, stream.container)
+        except Exception as error:
+            log.warning("cannot read pod %s: %s", stream.pod, error)
+            return False
+
     def _read(self, stream: Stream, stop: threading.Event) -> None:
         report = TrainerLog(self._settings.log_tail_lines, self._settings.log_tail_bytes)
         patcher = _ThrottledPatch(lambda: self._patch(stream, report), self._settings.progress_interval_seconds)
         try:
-            for line in self._api.follow_log(stream.namespace, stream.pod, stream.container):
+            for line in self._api.follow_log(stream.namespace, stream.pod, stream.container, IDLE_SECONDS):
                 if stop.is_set():
                     return
                 with patcher.lock:

@@ -42,21 +42,12 @@ TRAINER_USER_ID = 1000
 VALIDATION_BACKOFF_LIMIT = 2
 
 CONFIG_DIR, CONFIG_FILE = posixpath.split(TRAINER_CONFIG_PATH)
-# What each training pod runs: torchrun starts NPROC_PER_NODE trainer processes and joins the other pods
-# through rank 0's MASTER_ADDR:MASTER_PORT. The $(VAR)s are expanded by the kubelet from the container's env.
-TRAINER_ARGV: tuple[str, ...] = (
-    "torchrun",
-    "--nnodes=$(NNODES)",
-    "--nproc-per-node=$(NPROC_PER_NODE)",
-    "--node-rank=$(NODE_RANK)",
-    "--master-addr=$(MASTER_ADDR)",
-    "--master-port=$(MASTER_PORT)",
-    "-m",
-    "finetune_trainer",
-    "train",
-    "--input",
-    TRAINER_CONFIG_PATH,
-)
+# What each training pod runs. `finetune-trainer train` is a launcher: it runs torchrun itself from NNODES,
+# NPROC_PER_NODE, NODE_RANK, MASTER_ADDR and MASTER_PORT (see _torchrun_env), so that a worker's user-error exit
+# code reaches the pod (torchrun alone turns every failure into 1).
+TRAINER_ARGV: tuple[str, ...] = ("finetune-trainer", "train", "--input", TRAINER_CONFIG_PATH)
+# The trainer image keeps downloaded weights (HF_HOME), checkpoints and the output (FINETUNE_WORKDIR) here.
+WORKSPACE_DIR = "/workspace"
 VALIDATOR_ARGV: tuple[str, ...] = ("finetune-trainer", "validate", "--input", TRAINER_CONFIG_PATH)
 
 
@@ -385,7 +376,7 @@ def _storage(
     names: WorkloadNames,
     shared_memory: str | None = None,
 ) -> _Storage:
-    """The input file, a scratch /tmp, /dev/shm for training, and every PVC that a URI of the job names."""
+    """The input file, scratch /tmp and /workspace, /dev/shm for training, and every PVC a URI of the job names."""
     volumes: list[Manifest] = [{"name": "input", "configMap": {"name": names.config_map}}]
     mounts: list[Manifest] = [{"name": "input", "mountPath": CONFIG_DIR, "readOnly": True}]
     if shared_memory is not None:
@@ -393,6 +384,8 @@ def _storage(
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     volumes.append({"name": "scratch", "emptyDir": {}})
     mounts.append({"name": "scratch", "mountPath": "/tmp"})
+    volumes.append({"name": "workspace", "emptyDir": {}})
+    mounts.append({"name": "workspace", "mountPath": WORKSPACE_DIR})
     config = resolve_trainer_config(owner.name, owner.namespace, spec, settings)
     for index, (claim, writable) in enumerate(_pvc_claims(config).items()):
         volume = f"pvc-{index}"

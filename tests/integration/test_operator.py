@@ -320,7 +320,7 @@ def test_deleting_a_finetunejob_removes_its_children_without_waiting(
         try:
             cluster.get(name)
         except ApiException as error:
-            return error.status == 404
+            return bool(error.status == 404)
         return False
 
     wait_for(gone, timeout=30, description="the FineTuneJob to be deleted")
@@ -339,7 +339,7 @@ def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, operator: Opera
         try:
             cluster.get(name)
         except ApiException as error:
-            return error.status == 404
+            return bool(error.status == 404)
         return False
 
     wait_for(gone, timeout=60, description="the TTL to delete the FineTuneJob")

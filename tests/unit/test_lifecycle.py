@@ -58,6 +58,7 @@ def job(*conditions: tuple[str, str], suspend: bool = False, failed: int = 0) ->
 
 def pod(
     name: str = "demo-train-0-abcde",
+    *,
     index: int = 0,
     phase: str = "Running",
     state: dict[str, Any] | None = None,
@@ -148,7 +149,8 @@ def test_default_batch_on_eight_gpus_is_rounded_up_to_eight_with_a_warning() -> 
     assert (resolved.world_size, resolved.per_device_batch_size, resolved.gradient_accumulation_steps) == (8, 1, 1)
     assert resolved.effective_batch_size == 8
     warnings = [n for n in decision.notices if n.reason == "BatchSizeRounded"]
-    assert warnings and warnings[0].type == "Warning"
+    assert warnings
+    assert warnings[0].type == "Warning"
     assert "= 8" in warnings[0].message
 
 
@@ -260,7 +262,8 @@ def test_a_retried_failure_warns_and_counts_the_restart() -> None:
     assert decision.status.phase is Phase.RUNNING
     assert decision.status.restarts == 1
     restarts = [n for n in decision.notices if n.reason == "TrainerRestarted"]
-    assert restarts and "retry 1 of 3" in restarts[0].message
+    assert restarts
+    assert "retry 1 of 3" in restarts[0].message
 
 
 def test_cancel_removes_the_workload_and_keeps_the_status() -> None:

@@ -100,20 +100,8 @@ def test_single_node_job_runs_torchrun_locally_without_a_service() -> None:
     }
 
 
-def test_trainer_argv_runs_torchrun_over_the_trainer_module() -> None:
-    assert TRAINER_ARGV == (
-        "torchrun",
-        "--nnodes=$(NNODES)",
-        "--nproc-per-node=$(NPROC_PER_NODE)",
-        "--node-rank=$(NODE_RANK)",
-        "--master-addr=$(MASTER_ADDR)",
-        "--master-port=$(MASTER_PORT)",
-        "-m",
-        "finetune_trainer",
-        "train",
-        "--input",
-        "/etc/finetune/input.json",
-    )
+def test_training_pods_run_the_trainer_launcher_which_starts_torchrun_itself() -> None:
+    assert TRAINER_ARGV == ("finetune-trainer", "train", "--input", "/etc/finetune/input.json")
 
 
 def test_two_node_job_wires_torchrun_through_headless_service() -> None:
@@ -249,17 +237,19 @@ def test_trainer_service_account_comes_from_settings() -> None:
     assert "automountServiceAccountToken" not in pod_spec(job)
 
 
-def test_training_pods_mount_input_shared_memory_and_scratch() -> None:
+def test_training_pods_mount_input_shared_memory_scratch_and_workspace() -> None:
     job = build_train_job(OWNER, make_spec(resources={"sharedMemory": "64Gi"}), SETTINGS, NAMES, False)
     assert pod_spec(job)["volumes"] == [
         {"name": "input", "configMap": {"name": "llama-demo-input"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}},
         {"name": "scratch", "emptyDir": {}},
+        {"name": "workspace", "emptyDir": {}},
     ]
     assert trainer(job)["volumeMounts"] == [
         {"name": "input", "mountPath": "/etc/finetune", "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "scratch", "mountPath": "/tmp"},
+        {"name": "workspace", "mountPath": "/workspace"},
     ]
 
 

@@ -1,0 +1,178 @@
+"""`finetune-trainer validate`: every row checked with its line number; bad data never reaches training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
+
+from finetune_operator.protocol import EXIT_USER_ERROR, ErrorEvent, StartEvent, ValidatedEvent, parse_line
+from finetune_trainer.data import parse_rows
+from finetune_trainer.errors import UserError
+
+pytestmark = pytest.mark.trainer
+
+CHUNK = 16  # text_rows(40) run from 6 to 22 tokens: 16 of 40 rows are longer
+GOOD = '{"prompt": "a", "completion": "b"}\n'
+
+BAD_DATA = [
+    pytest.param(GOOD * 16 + '{"prompt": "a"}\n', 'train_data line 17: missing "completion"', id="missing-completion"),
+    pytest.param(GOOD + '{"completion": "b"}\n', 'train_data line 2: missing "prompt"', id="missing-prompt"),
+    pytest.param(GOOD + '{"prompt": "a", "completion": \n', "train_data line 2: not valid JSON", id="invalid-json"),
+    pytest.param(GOOD + '["a", "b"]\n', "train_data line 2: expected a JSON object, got list", id="not-an-object"),
+    pytest.param(GOOD + '{"input": "a"}\n', 'train_data line 2: expected "text" or "prompt"', id="unknown-keys"),
+    pytest.param(GOOD + '{"prompt": "a", "completion": 3}\n', 'line 2: "completion" must be a string', id="not-str"),
+    pytest.param(GOOD + '{"prompt": "a", "completion": "  "}\n', 'line 2: "completion" is empty', id="empty"),
+    pytest.param(GOOD + '{"text": "abc"}\n', 'train_data line 2: {"text"} row, but line 1 is a', id="mixed"),
+    pytest.param('{"text": "a", "prompt": "b", "completion": "c"}\n', "train_data line 1: has both", id="both"),
+    pytest.param(GOOD + '{"text": "\xff"}\n', "train_data line 2: not valid UTF-8", id="bad-utf8"),
+    pytest.param("\n\n", "train_data: no rows", id="empty-file"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_DATA)
+def test_bad_rows_are_rejected_with_their_line_number(content: str, message: str) -> None:
+    raw = content.encode("latin-1") if "\xff" in content else content.encode()
+    with pytest.raises(UserError) as caught:
+        parse_rows(raw, "train_data")
+    assert caught.value.reason == "InvalidTrainingData"
+    assert message in caught.value.message
+
+
+def test_blank_lines_are_skipped_and_line_numbers_stay_physical() -> None:
+    with pytest.raises(UserError, match="line 4: missing"):
+        parse_rows(f'{GOOD}\n\n{{"prompt": "x"}}\n'.encode(), "train_data")
+    rows = parse_rows(f"\n{GOOD}\n{GOOD}".encode(), "train_data")
+    assert rows.format == "prompt_completion"
+    assert len(rows.rows) == 2
+
+
+def test_validate_exits_with_the_user_error_code_and_reports_the_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(GOOD * 16 + '{"prompt": "a"}\n')
+    config = write_config(tmp_path / "in.json", trainer_config(tiny_model_dir, data, tmp_path / "dest"))
+    code, out = run_cli(["validate", "--input", str(config)])
+    assert code == EXIT_USER_ERROR
+    [event] = events_in(out)
+    assert event == ErrorEvent(reason="InvalidTrainingData", message='train_data line 17: missing "completion"')
+    assert parse_line((tmp_path / "termination-log").read_text()) == event
+
+
+def test_train_on_bad_data_never_starts_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(GOOD * 30 + "not json\n")
+    config = write_config(tmp_path / "in.json", trainer_config(tiny_model_dir, data, tmp_path / "dest"))
+    code, out = run_cli(["train", "--input", str(config), "--workdir", str(tmp_path / "work")])
+    assert code == EXIT_USER_ERROR
+    events = events_in(out)
+    assert not any(isinstance(event, StartEvent) for event in events)
+    assert isinstance(events[-1], ErrorEvent)
+    assert "train_data line 31: not valid JSON" in events[-1].message
+    assert not (tmp_path / "dest").exists()
+    assert not (tmp_path / "work").exists()
+
+
+def test_bad_inputs_are_user_errors_too(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", learnable_rows(10))
+    for inputs, expected in (
+        ({"num_validation_samples": 10}, "num_validation_samples=10 leaves no training rows"),
+        ({"micro_batch_size": 8}, "micro_batch_size must not exceed train_batch_size"),
+    ):
+        config = write_config(tmp_path / "in.json", trainer_config(tiny_model_dir, data, tmp_path / "d", **inputs))
+        code, out = run_cli(["validate", "--input", str(config)])
+        assert code == EXIT_USER_ERROR
+        [event] = events_in(out)
+        assert isinstance(event, ErrorEvent)
+        assert event.reason == "InvalidInput"
+        assert expected in event.message
+    missing = write_config(tmp_path / "in.json", trainer_config(tiny_model_dir, tmp_path / "nope.jsonl", tmp_path))
+    code, out = run_cli(["validate", "--input", str(missing)])
+    assert code == EXIT_USER_ERROR
+    assert "train_data: cannot read" in out
+
+
+def test_validate_summarizes_good_data(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", text_rows(40))
+    config = trainer_config(tiny_model_dir, data, tmp_path / "dest", num_validation_samples=8, chunk_size=CHUNK)
+    config["gpus_per_node"] = 8  # the defaults 4/4 on 8 GPUs: 1 per GPU, global batch 8
+    code, out = run_cli(["validate", "--input", str(write_config(tmp_path / "in.json", config))])
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["format"] == "text"
+    assert (summary["rows"], summary["train_rows"], summary["validation_rows"]) == (40, 32, 8)
+    assert summary["batch_plan"] == {
+        "world_size": 8,
+        "per_device_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "effective_batch_size": 8,
+        "train_batch_size": 4,
+    }
+    assert summary["steps_per_epoch"] == 4
+    assert summary["total_steps"] == 8
+    validated = parse_line((tmp_path / "termination-log").read_text())
+    assert isinstance(validated, ValidatedEvent)
+    assert (validated.resolved.train_rows, validated.resolved.validation_rows) == (32, 8)
+    assert validated.resolved.steps_per_epoch == 4
+    assert validated.resolved.train_tokens == summary["train_tokens"]["total"]
+    tokens = summary["train_tokens"]
+    assert tokens["min"] < CHUNK < tokens["max"], tokens
+    assert 0 < tokens["share_over_chunk_size"] < 1
+
+
+def test_validation_rows_come_from_the_head_of_validation_data(tmp_path: Path, tiny_model_dir: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", learnable_rows(20))
+    validation = write_jsonl(tmp_path / "validation.jsonl", learnable_rows(10))
+    config = trainer_config(tiny_model_dir, train, tmp_path / "d", num_validation_samples=3)
+    config["input"]["validation_data"] = str(validation)
+    code, out = run_cli(["validate", "--input", str(write_config(tmp_path / "in.json", config))])
+    assert code == 0
+    assert (json.loads(out)["train_rows"], json.loads(out)["validation_rows"]) == (20, 3)
+    write_jsonl(validation, text_rows(5))
+    code, out = run_cli(["validate", "--input", str(tmp_path / "in.json")])
+    [event] = events_in(out)
+    assert code == EXIT_USER_ERROR
+    assert isinstance(event, ErrorEvent)
+    assert event.message.startswith('validation_data has {"text"} rows but train_data has')
+
+
+def test_pvc_uris_read_from_the_mounted_claim(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_operator.api import uris
+
+    monkeypatch.setattr(uris, "PVC_MOUNT_ROOT", str(tmp_path / "mnt"))
+    (tmp_path / "mnt" / "datasets" / "llama").mkdir(parents=True)
+    write_jsonl(tmp_path / "mnt" / "datasets" / "llama" / "train.jsonl", learnable_rows(12))
+    config = trainer_config(tiny_model_dir, "pvc://datasets/llama/train.jsonl", tmp_path / "d")
+    code, out = run_cli(["validate", "--input", str(write_config(tmp_path / "in.json", config))])
+    assert code == 0, out
+    assert json.loads(out)["rows"] == 12
+
+
+def test_the_launcher_runs_torchrun_with_static_rendezvous_across_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_trainer.cli import torchrun_command
+
+    single = torchrun_command("/etc/finetune/input.json", "/workspace/run", nnodes=1, nproc_per_node=8)
+    assert single[1:7] == ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=8", "--standalone", "-m"]
+    monkeypatch.setenv("MASTER_ADDR", "llama-0.llama")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    multi = torchrun_command("/etc/finetune/input.json", "/workspace/run", nnodes=2, nproc_per_node=8)
+    assert multi[3:8] == [
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--node-rank=1",
+        "--master-addr=llama-0.llama",
+        "--master-port=29400",
+    ]
+    assert multi[8:] == [
+        "-m",
+        "finetune_trainer",
+        "worker",
+        "--input",
+        "/etc/finetune/input.json",
+        "--workdir",
+        "/workspace/run",
+    ]

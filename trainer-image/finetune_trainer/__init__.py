@@ -1,0 +1,1 @@
+"""The trainer that runs inside the FineTuneJob pods (LoRA/QLoRA with TRL and PEFT)."""
