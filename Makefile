@@ -30,11 +30,11 @@ lint: venv
 	$(VENV)/bin/ruff check operator trainer-image tests
 	$(VENV)/bin/ruff format --check operator trainer-image tests
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy tests/unit
+	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/unit
 	$(VENV)/bin/mypy tests/trainer
 	MYPYPATH=tests/cluster:tests/integration $(VENV)/bin/mypy --explicit-package-bases tests/cluster tests/integration
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/hadolint trainer-image/Dockerfile
+	$(VENV)/bin/hadolint operator/Dockerfile trainer-image/Dockerfile
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
@@ -48,7 +48,7 @@ integration: venv cluster-binaries
 test: lint unit trainer-tests integration
 
 crds: venv
-	$(PY) -m finetune_operator.crdgen crds
+	$(PY) -m finetune_operator.crdgen crds charts/finetune-operator/crds
 
 cluster-binaries: venv
 	$(PY) $(DEVCLUSTER) build

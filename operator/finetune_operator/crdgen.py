@@ -196,9 +196,15 @@ def write_crds(directory: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the FineTuneJob CRD generated from the pydantic models.")
-    parser.add_argument("directory", type=Path, help="where to write the CRD YAML (the repository's crds/)")
-    path = write_crds(parser.parse_args(argv).directory)
-    print(f"wrote {path}")
+    parser.add_argument(
+        "directories",
+        type=Path,
+        nargs="+",
+        metavar="directory",
+        help="where to write the CRD YAML (the repository's crds/ and the chart's charts/finetune-operator/crds/)",
+    )
+    for directory in parser.parse_args(argv).directories:
+        print(f"wrote {write_crds(directory)}")
     return 0
 
 

@@ -220,6 +220,10 @@ def _training_step(obs: Observation, validated_now: bool = False) -> _Step:
     if any(_completion_index(pod) == 0 and _pod_phase(pod) == "Running" for pod in active):
         conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
         return _Step(Phase.RUNNING, "TrainingRunning", "the trainer is running", conditions, actions)
+    if any(_completion_index(pod) == 0 and _pod_phase(pod) == "Succeeded" for pod in obs.train_pods):
+        # The trainer is done; the Job controller marks the Job Complete a moment later.
+        conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
+        return _Step(Phase.RUNNING, "TrainingRunning", "the trainer finished; the Job is completing", conditions)
     waiting = _waiting_message(active)
     if waiting is None:
         waiting = "waiting for the trainer pods to start"

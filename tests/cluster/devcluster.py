@@ -655,6 +655,8 @@ def _start_cluster(layout: Layout) -> State:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
+            # As on managed clusters: setting blockOwnerDeletion needs update rights on the owner's finalizers.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "--allow-privileged=true",
             # kwok serves logs for every simulated node on one address; reach it by the InternalIP it reports
             "--kubelet-preferred-address-types=InternalIP",

@@ -328,3 +328,11 @@ def test_two_node_job_is_running_only_when_rank0_runs() -> None:
     assert decision.status.phase is Phase.STARTING
     assert decision.status.resolved is not None
     assert decision.status.resolved.world_size == 16
+
+
+def test_finished_trainer_stays_running_until_the_job_completes() -> None:
+    running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
+    done = pod(phase="Succeeded", state=terminated(0, "", "Completed"))
+    decision = decide(observe(status=running, train_job=job(), train_pods=[done]))
+    assert decision.status.phase is Phase.RUNNING
+    assert decision.notices == ()

@@ -1,0 +1,292 @@
+"""The Helm chart (charts/finetune-operator) agrees with the code it deploys, and grants the least it needs.
+
+The values' `settings` and the chart's CRD are checked against their source of truth (the pydantic Settings and
+the models); the rendered manifests are checked with the helm binary that devcluster builds (skipped without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helmchart import CHART_DIR, helm_binary, lint_chart, render_chart
+
+from finetune_operator.crdgen import CRD_FILE_NAME, custom_resource_definition, render
+from finetune_operator.settings import Settings
+
+REPO_ROOT = Path(__file__).parents[2]
+VALUES = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+DOCKERFILE = REPO_ROOT / "operator" / "Dockerfile"
+
+needs_helm = pytest.mark.skipif(
+    helm_binary() is None,
+    reason="no helm binary: `make cluster-binaries` builds it (tests/cluster/devcluster.py build), or set $HELM",
+)
+
+# What the operator does with the API (kube.py, handlers.py), as (apiGroup, resource, verb).
+OPERATOR_RIGHTS = {
+    *(("finetune.dev", "finetunejobs", verb) for verb in ("get", "list", "watch", "delete")),
+    ("finetune.dev", "finetunejobs/status", "patch"),
+    ("finetune.dev", "finetunejobs/finalizers", "update"),
+    *(("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
+    *(("", "pods", verb) for verb in ("get", "list", "watch")),
+    ("", "pods/log", "get"),
+    *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("create", "delete")),
+    ("", "events", "create"),
+}
+KOPF_CRD_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions", verb) for verb in ("list", "watch")}
+KOPF_NAMESPACE_RIGHTS = {("", "namespaces", verb) for verb in ("list", "watch")}
+
+
+def camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(word.capitalize() for word in rest)
+
+
+def field_default(name: str) -> Any:
+    return Settings.model_fields[name].get_default(call_default_factory=True)
+
+
+def rights(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role.get("rules", [])
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def named(objects: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    matches = [obj for obj in of_kind(objects, kind) if obj["metadata"]["name"] == f"finetune-operator{suffix}"]
+    assert len(matches) == 1, f"one {kind} finetune-operator{suffix}, found {len(matches)}"
+    return matches[0]
+
+
+def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    container: dict[str, Any] = named(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def rendered_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in operator_container(objects)["env"]}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No FINETUNE_* variables from the test runner's environment."""
+    for name in [name for name in os.environ if name.startswith("FINETUNE_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+# --------------------------------------------------------------------------------------- one source of truth
+
+
+def test_chart_crd_is_the_generated_crd() -> None:
+    chart_crd = CHART_DIR / "crds" / CRD_FILE_NAME
+    assert chart_crd.read_text() == render(custom_resource_definition()), (
+        "charts/finetune-operator/crds/ is out of date with finetune_operator.api: run `make crds`"
+    )
+    assert chart_crd.read_text() == (REPO_ROOT / "crds" / CRD_FILE_NAME).read_text()
+
+
+def test_values_settings_name_every_operator_setting_and_nothing_else() -> None:
+    in_model = {camel(name) for name in Settings.model_fields}
+    in_values = set(VALUES["settings"])
+    assert in_values - in_model == set(), "values.yaml settings the operator does not know"
+    assert in_model - in_values == set(), "operator settings missing from values.yaml"
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_values_settings_default_to_the_operator_defaults(name: str) -> None:
+    assert VALUES["settings"][camel(name)] == field_default(name)
+
+
+def test_image_runs_as_the_user_the_chart_requires() -> None:
+    dockerfile = DOCKERFILE.read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+    assert user is not None, "the Dockerfile sets a numeric USER uid:gid"
+    assert int(user[1]) == VALUES["podSecurityContext"]["runAsUser"] != 0
+    assert int(user[2]) == VALUES["podSecurityContext"]["runAsGroup"]
+    assert 'ENTRYPOINT ["finetune-operator"]' in dockerfile
+    assert "trainer" not in re.findall(r"pip install (.*)", dockerfile)[-1], "the operator image has no trainer extra"
+
+
+# --------------------------------------------------------------------------------------- rendered manifests
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    "values", [{}, {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}}]
+)
+def test_chart_passes_helm_lint(values: dict[str, Any]) -> None:
+    lint_chart(values)
+
+
+@needs_helm
+def test_default_install_watches_every_namespace_with_cluster_wide_rights() -> None:
+    objects = render_chart()
+    kinds = ["ServiceAccount", "Service", "Deployment", *["ClusterRole"] * 4, *["ClusterRoleBinding"] * 2]
+    assert sorted(obj["kind"] for obj in objects) == sorted(kinds)
+    assert not of_kind(objects, "Role")
+    assert rights(named(objects, "ClusterRole")) == OPERATOR_RIGHTS
+    assert rights(named(objects, "ClusterRole", "-discovery")) == KOPF_CRD_RIGHTS
+    for suffix in ("", "-discovery"):
+        binding = named(objects, "ClusterRoleBinding", suffix)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": f"finetune-operator{suffix}",
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "finetune-operator", "namespace": "finetune-system"}
+        ]
+    args = operator_container(objects)["args"]
+    assert args[0] == "run"
+    assert "--all-namespaces" in args
+    assert not [arg for arg in args if arg.startswith("--namespace")]
+
+
+@needs_helm
+def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_rights() -> None:
+    objects = render_chart({"watchNamespaces": ["team-a", "team-b"]})
+    roles = of_kind(objects, "Role")
+    assert sorted(role["metadata"]["namespace"] for role in roles) == ["team-a", "team-b"]
+    assert all(rights(role) == OPERATOR_RIGHTS for role in roles)
+    bindings = of_kind(objects, "RoleBinding")
+    assert sorted(binding["metadata"]["namespace"] for binding in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["subjects"][0]["namespace"] == "finetune-system"
+        assert binding["roleRef"]["kind"] == "Role"
+    cluster_roles = {role["metadata"]["name"] for role in of_kind(objects, "ClusterRole")}
+    assert cluster_roles == {"finetune-operator-discovery", "finetune-operator-edit", "finetune-operator-view"}
+    assert rights(named(objects, "ClusterRole", "-discovery")) == KOPF_CRD_RIGHTS | KOPF_NAMESPACE_RIGHTS
+    assert [b["metadata"]["name"] for b in of_kind(objects, "ClusterRoleBinding")] == ["finetune-operator-discovery"]
+    args = operator_container(objects)["args"]
+    assert "--namespace=team-a" in args
+    assert "--namespace=team-b" in args
+    assert "--all-namespaces" not in args
+
+
+@needs_helm
+@pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["all-namespaces", "one-namespace"])
+def test_no_role_touches_secrets_or_uses_wildcards_or_escalation_verbs(watch: list[str]) -> None:
+    objects = render_chart({"watchNamespaces": watch})
+    roles = of_kind(objects, "ClusterRole") + of_kind(objects, "Role")
+    assert roles
+    for role in roles:
+        for group, resource, verb in rights(role):
+            where = f"{role['kind']} {role['metadata']['name']}: {group}/{resource} {verb}"
+            assert "*" not in (group, resource, verb), where
+            assert resource.split("/")[0] != "secrets", where
+            assert verb not in ("escalate", "bind", "impersonate"), where
+            assert not resource.startswith(("roles", "clusterroles", "rolebindings", "clusterrolebindings")), where
+
+
+@needs_helm
+def test_namespace_users_may_manage_finetunejobs_through_the_built_in_roles() -> None:
+    objects = render_chart()
+    edit = named(objects, "ClusterRole", "-edit")
+    view = named(objects, "ClusterRole", "-view")
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert {verb for _, resource, verb in rights(edit) if resource == "finetunejobs"} >= {"create", "patch", "delete"}
+    assert {resource for _, resource, _ in rights(edit)} == {"finetunejobs"}, "users never write status"
+    assert {verb for _, _, verb in rights(view)} == {"get", "list", "watch"}
+    without = render_chart({"rbac": {"aggregateToDefaultRoles": False}})
+    assert {role["metadata"]["name"] for role in of_kind(without, "ClusterRole")} == {
+        "finetune-operator",
+        "finetune-operator-discovery",
+    }
+
+
+@needs_helm
+def test_operator_runs_as_one_non_root_replica_with_a_read_only_root_filesystem() -> None:
+    objects = render_chart()
+    deployment = named(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "finetune-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = operator_container(objects)
+    assert container["image"] == "ghcr.io/finetune-operator/operator:0.1.0"
+    assert container["command"] == ["finetune-operator"]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+
+
+@needs_helm
+def test_liveness_probe_asks_kopf_health_endpoint_and_metrics_are_served() -> None:
+    objects = render_chart()
+    container = operator_container(objects)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"metrics": 8080, "health": 8081}
+    assert "--liveness=http://0.0.0.0:8081/healthz" in container["args"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    service = named(objects, "Service", "-metrics")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert service["spec"]["selector"] == named(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert not of_kind(objects, "ServiceMonitor"), "a ServiceMonitor needs the Prometheus Operator: off by default"
+    with_monitor = render_chart({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    monitor = of_kind(with_monitor, "ServiceMonitor")[0]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "metrics"
+
+
+@needs_helm
+def test_rendered_settings_give_the_operator_its_own_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    env = rendered_env(render_chart())
+    assert all(name.startswith("FINETUNE_") for name in env)
+    assert "FINETUNE_DEFAULT_DESTINATION" not in env, "a null setting leaves the variable unset"
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    assert Settings() == Settings.model_validate({name: field_default(name) for name in Settings.model_fields})
+
+
+@needs_helm
+def test_settings_set_at_install_reach_the_operator(clean_env: pytest.MonkeyPatch) -> None:
+    changed = {
+        "trainerImage": "registry.example.com/trainer:1.2.3",
+        "modelWeights": {"meta/llama-2-7b": "s3://weights/llama-2-7b/", "meta/llama-2-13b": "s3://weights/13b/"},
+        "defaultDestination": "s3://finetune-outputs",
+        "trainerServiceAccount": "trainer",
+        "validationCpu": "500m",
+        "progressIntervalSeconds": 0.5,
+        "logTailBytes": 1_000_000 // 20,
+        "metricsPort": 9090,
+    }
+    objects = render_chart({"settings": changed})
+    for name, value in rendered_env(objects).items():
+        clean_env.setenv(name, value)
+    settings = Settings()
+    assert settings.trainer_image == changed["trainerImage"]
+    assert settings.model_weights == changed["modelWeights"]
+    assert settings.default_destination == "s3://finetune-outputs"
+    assert settings.trainer_service_account == "trainer"
+    assert settings.validation_cpu == "500m"
+    assert settings.progress_interval_seconds == 0.5
+    assert settings.log_tail_bytes == 50_000
+    assert settings.metrics_port == 9090
+    assert {port["name"]: port["containerPort"] for port in operator_container(objects)["ports"]}["metrics"] == 9090
+    assert json.loads(rendered_env(objects)["FINETUNE_MODEL_WEIGHTS"]) == changed["modelWeights"]
