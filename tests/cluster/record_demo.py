@@ -125,7 +125,7 @@ def wait_until_up(endpoint: str) -> None:
 
 
 def create_bucket(endpoint: str) -> None:
-    import s3fs  # type: ignore[import-untyped]
+    import s3fs
 
     s3fs.S3FileSystem(endpoint_url=endpoint, key="demo", secret="demo").mkdir("finetune-outputs")
 
