@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -165,23 +165,14 @@ def build_validation_job(owner: Owner, spec: FineTuneJobSpec, settings: Settings
     Raises `resolution.InvalidSpec` for a spec that `resolve_trainer_config` rejects.
     """
     storage = _storage(owner, spec, settings, names)
-    container = {
-        "name": TRAINER_CONTAINER,
-        "image": spec.image or settings.trainer_image,
-        "command": list(VALIDATOR_ARGV),
-        **_user_environment(spec),
-        "resources": _requests_and_limits({"cpu": settings.validation_cpu, "memory": settings.validation_memory}),
-        "volumeMounts": storage.mounts,
-        "securityContext": _container_security(),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    pod_spec = {
-        "restartPolicy": "Never",
-        **_pod_identity(spec, settings),
-        "securityContext": _pod_security(),
-        "containers": [container],
-        "volumes": storage.volumes,
-    }
+    container = _trainer_container(
+        spec,
+        settings,
+        VALIDATOR_ARGV,
+        resources=_requests_and_limits({"cpu": settings.validation_cpu, "memory": settings.validation_memory}),
+        mounts=storage.mounts,
+    )
+    pod_spec = _pod_spec(spec, settings, container, storage.volumes)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -233,27 +224,22 @@ def build_train_job(
     """
     resources = spec.resources
     storage = _storage(owner, spec, settings, names, shared_memory=resources.shared_memory)
-    user_environment = _user_environment(spec)
-    container = {
-        "name": TRAINER_CONTAINER,
-        "image": spec.image or settings.trainer_image,
-        "command": list(TRAINER_ARGV),
-        "env": [*_torchrun_env(resources, settings, names), *user_environment.get("env", [])],
-        **({"envFrom": user_environment["envFrom"]} if "envFrom" in user_environment else {}),
-        "resources": _gpu_resources(resources),
-        "volumeMounts": storage.mounts,
-        "securityContext": _container_security(),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    pod_spec = {
-        "restartPolicy": "Never",
+    container = _trainer_container(
+        spec,
+        settings,
+        TRAINER_ARGV,
+        resources=_gpu_resources(resources),
+        mounts=storage.mounts,
+        extra_env=_torchrun_env(resources, settings, names),
+    )
+    pod_spec = _pod_spec(
+        spec,
+        settings,
+        container,
+        storage.volumes,
         **({"subdomain": names.service} if resources.nodes > 1 else {}),
         **_gpu_placement(resources),
-        **_pod_identity(spec, settings),
-        "securityContext": _pod_security(),
-        "containers": [container],
-        "volumes": storage.volumes,
-    }
+    )
     kueue_labels = _kueue_labels(owner)
     job_spec: Manifest = {
         "completionMode": "Indexed",
@@ -275,6 +261,44 @@ def build_train_job(
 
 
 # --- Kueue ---------------------------------------------------------------------------------------------
+
+
+def _trainer_container(
+    spec: FineTuneJobSpec,
+    settings: Settings,
+    command: Sequence[str],
+    *,
+    resources: Manifest,
+    mounts: list[Manifest],
+    extra_env: Sequence[Manifest] = (),
+) -> Manifest:
+    """The `trainer` container both Jobs run: the trainer image with the user's environment."""
+    user_environment = _user_environment(spec)
+    env = [*extra_env, *user_environment.get("env", [])]
+    return {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "command": list(command),
+        **({"env": env} if env else {}),
+        **({"envFrom": user_environment["envFrom"]} if "envFrom" in user_environment else {}),
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _pod_spec(
+    spec: FineTuneJobSpec, settings: Settings, container: Manifest, volumes: list[Manifest], **placement: Any
+) -> Manifest:
+    return {
+        "restartPolicy": "Never",
+        **placement,
+        **_pod_identity(spec, settings),
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
 
 
 def _kueue_labels(owner: Owner) -> dict[str, str]:

@@ -21,7 +21,15 @@ from testcluster import DevCluster
 
 from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from finetune_operator.crdgen import custom_resource_definition
-from finetune_operator.protocol import ResolvedRun, ValidatedEvent, encode
+from finetune_operator.protocol import (
+    EvalEvent,
+    ProgressEvent,
+    ResolvedRun,
+    SampleEvent,
+    StartEvent,
+    ValidatedEvent,
+    encode,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DESTINATION = "s3://finetune-outputs"
@@ -167,6 +175,13 @@ class Cluster:
         )
         terminate_pod(self.api, self.namespace, pod, 0, message=encode(summary))
 
+    def is_gone(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except ApiException as error:
+            return bool(error.status == 404)
+        return False
+
     def events(self, name: str) -> list[Any]:
         selector = f"involvedObject.name={name},involvedObject.kind={KIND}"
         return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
@@ -198,3 +213,31 @@ def install_crd(api: client.ApiClient) -> None:
         return any(condition.type == "Established" and condition.status == "True" for condition in conditions)
 
     wait_for(established, timeout=60, description=f"CRD {name} to be Established")
+
+
+def trainer_log_lines(
+    total_steps: int = 30, sample: tuple[str, str] = ("What is LoRA?", "A low-rank adapter.")
+) -> list[str]:
+    """What a trainer prints over three epochs: a start event, a progress event a step, an eval and a sample."""
+    lines = [
+        "Loading checkpoint shards: 100%|##########| 2/2",
+        encode(StartEvent(world_size=8, total_steps=total_steps, epochs=3)),
+    ]
+    for step in range(1, total_steps + 1):
+        lines.append(f"{{'loss': {2.5 - step * 0.05:.3f}, 'step': {step}}}")
+        lines.append(
+            encode(
+                ProgressEvent(
+                    step=step,
+                    total_steps=total_steps,
+                    epoch=3 * step / total_steps,
+                    loss=2.5 - step * 0.05,
+                    learning_rate=1e-4,
+                    tokens_per_second=15_000,
+                    eta_seconds=total_steps - step,
+                )
+            )
+        )
+    lines.append(encode(EvalEvent(epoch=3, eval_loss=1.2, perplexity=3.3)))
+    lines.append(encode(SampleEvent(epoch=3, prompt=sample[0], completion=sample[1])))
+    return lines

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_harness import DESTINATION, Cluster, OperatorProcess, install_crd
+from finetune_harness import DESTINATION, Cluster, OperatorProcess, install_crd, trainer_log_lines
 from helmchart import helm_binary, render_chart, render_chart_text
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -27,13 +27,8 @@ from kwokpods import register_namespace_logs, terminate_pod, wait_for
 from testcluster import DevCluster, new_api_client
 
 from finetune_operator.protocol import (
-    EvalEvent,
     OutputEvent,
     OutputFile,
-    ProgressEvent,
-    SampleEvent,
-    StartEvent,
-    encode,
     termination_message,
 )
 
@@ -166,28 +161,6 @@ def permission_errors(log_path: Path) -> list[str]:
     return [line for line in log_path.read_text().splitlines() if pattern.search(line)]
 
 
-def trainer_lines() -> list[str]:
-    lines = [encode(StartEvent(world_size=8, total_steps=TOTAL_STEPS, epochs=1))]
-    for step in range(1, TOTAL_STEPS + 1):
-        loss = 2.0 - step * 0.1
-        lines.append(
-            encode(
-                ProgressEvent(
-                    step=step,
-                    total_steps=TOTAL_STEPS,
-                    epoch=step / TOTAL_STEPS,
-                    loss=loss,
-                    learning_rate=1e-4,
-                    tokens_per_second=12_000,
-                    eta_seconds=TOTAL_STEPS - step,
-                )
-            )
-        )
-    lines.append(encode(EvalEvent(epoch=1, eval_loss=1.3, perplexity=3.7)))
-    lines.append(encode(SampleEvent(epoch=1, prompt="Who am I?", completion="The chart's ServiceAccount.")))
-    return lines
-
-
 def test_operator_token_is_the_chart_service_account_and_not_an_admin(chart_identity: ChartIdentity) -> None:
     review = client.AuthenticationV1Api(chart_identity.api).create_self_subject_review(
         {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
@@ -226,14 +199,15 @@ def test_operator_with_the_chart_rbac_runs_a_job_to_success_and_deletes_it_after
     assert running["resolved"]["trainRows"] == 950
     pod = cluster.wait_pod(name, "training")
 
-    cluster.logs.write("Loading checkpoint shards: 100%|##########| 2/2", *trainer_lines())
+    lines = trainer_log_lines(TOTAL_STEPS, sample=("Who am I?", "The chart's ServiceAccount."))
+    cluster.logs.write("Loading checkpoint shards: 100%|##########| 2/2", *lines)
     progressed = cluster.wait_status(
         name, lambda s: s.get("progress", {}).get("step") == TOTAL_STEPS, "progress from the followed pod log"
     )
     assert progressed["progress"]["percent"] == 100
-    assert progressed["progress"]["evalLoss"] == 1.3
+    assert progressed["progress"]["evalLoss"] == 1.2
     assert progressed["validationSamples"][0]["completion"] == "The chart's ServiceAccount."
-    assert progressed["logs"].endswith(trainer_lines()[-1])
+    assert progressed["logs"].endswith(lines[-1])
 
     terminate_pod(cluster.api, cluster.namespace, pod, 0, message=termination_message(OUTPUT))
     done = cluster.wait_phase(name, "Succeeded")
@@ -241,14 +215,9 @@ def test_operator_with_the_chart_rbac_runs_a_job_to_success_and_deletes_it_after
     assert done["output"]["files"][0]["sha256"] == "c" * 64
     assert {"ValidatingData", "TrainingRunning", "TrainingSucceeded"} <= cluster.event_reasons(name)
 
-    def deleted() -> bool:
-        try:
-            cluster.get(name)
-        except ApiException as error:
-            return bool(error.status == 404)
-        return False
-
-    wait_for(deleted, timeout=60, description="the operator to delete the FineTuneJob after its TTL")
+    wait_for(
+        lambda: cluster.is_gone(name), timeout=60, description="the operator to delete the FineTuneJob after its TTL"
+    )
     assert permission_errors(operator.log_path) == []
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from finetune_harness import DESTINATION, EXAMPLES, Cluster, OperatorProcess, install_crd
-from kubernetes.client.exceptions import ApiException
+from finetune_harness import DESTINATION, EXAMPLES, Cluster, OperatorProcess, install_crd, trainer_log_lines
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
 from testcluster import DevCluster
 
@@ -23,12 +22,8 @@ from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.protocol import (
     EXIT_USER_ERROR,
     ErrorEvent,
-    EvalEvent,
     OutputEvent,
     OutputFile,
-    ProgressEvent,
-    SampleEvent,
-    StartEvent,
     encode,
     termination_message,
 )
@@ -53,31 +48,6 @@ def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator
     sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
 
 
-def progress_lines(total_steps: int = 30) -> list[str]:
-    lines = [
-        "Loading checkpoint shards: 100%|##########| 2/2",
-        encode(StartEvent(world_size=8, total_steps=total_steps, epochs=3)),
-    ]
-    for step in range(1, total_steps + 1):
-        lines.append(f"{{'loss': {2.5 - step * 0.05:.3f}, 'step': {step}}}")
-        lines.append(
-            encode(
-                ProgressEvent(
-                    step=step,
-                    total_steps=total_steps,
-                    epoch=3 * step / total_steps,
-                    loss=2.5 - step * 0.05,
-                    learning_rate=1e-4,
-                    tokens_per_second=15_000,
-                    eta_seconds=total_steps - step,
-                )
-            )
-        )
-    lines.append(encode(EvalEvent(epoch=3, eval_loss=1.2, perplexity=3.3)))
-    lines.append(encode(SampleEvent(epoch=3, prompt="What is LoRA?", completion="A low-rank adapter.")))
-    return lines
-
-
 OUTPUT = OutputEvent(
     weights=f"{DESTINATION}/NAMESPACE/JOB/",
     files=[
@@ -100,7 +70,7 @@ def test_minimal_example_runs_to_success_with_progress_and_weights(cluster: Clus
     assert train_pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "8"
     assert train_pod.spec.node_selector["nvidia.com/gpu.product"] == "NVIDIA-A40"
 
-    cluster.logs.write(*progress_lines(30))
+    cluster.logs.write(*trainer_log_lines(30))
     progressed = cluster.wait_status(
         name, lambda s: s.get("progress", {}).get("step") == 30, "progress from the trainer log"
     )
@@ -110,7 +80,7 @@ def test_minimal_example_runs_to_success_with_progress_and_weights(cluster: Clus
     assert progressed["validationSamples"] == [
         {"epoch": 3.0, "prompt": "What is LoRA?", "completion": "A low-rank adapter."}
     ]
-    assert progressed["logs"].endswith(progress_lines(30)[-1])
+    assert progressed["logs"].endswith(trainer_log_lines(30)[-1])
 
     terminate_pod(cluster.api, cluster.namespace, pod, 0, message=termination_message(OUTPUT))
     done = cluster.wait_phase(name, "Succeeded")
@@ -189,7 +159,7 @@ def test_cancel_removes_the_workload_and_keeps_the_status(cluster: Cluster, oper
     name = cluster.apply_example("finetunejob.yaml")
     cluster.pass_validation(name)
     cluster.wait_phase(name, "Running")
-    cluster.logs.write(*progress_lines(5))
+    cluster.logs.write(*trainer_log_lines(5))
     cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 5, "progress")
     cluster.patch_spec(name, cancel=True)
     canceled = cluster.wait_phase(name, "Canceled")
@@ -233,11 +203,11 @@ def test_operator_killed_mid_run_makes_no_duplicates_and_carries_on(
     cluster.pass_validation(name)
     pod = cluster.wait_pod(name, "training")
     cluster.wait_phase(name, "Running")
-    cluster.logs.write(*progress_lines(10)[:8])
+    cluster.logs.write(*trainer_log_lines(10)[:8])
     cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 3, "progress before the kill")
     operator.kill()
     started_at = cluster.status(name)["startedAt"]
-    cluster.logs.write(*progress_lines(10)[8:])
+    cluster.logs.write(*trainer_log_lines(10)[8:])
     operator.start()
     cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 10, "progress after the restart")
     terminate_pod(cluster.api, cluster.namespace, pod, 0, message=termination_message(OUTPUT))
@@ -316,14 +286,7 @@ def test_deleting_a_finetunejob_removes_its_children_without_waiting(
     operator.stop()  # deletion must not depend on the operator
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, name)
 
-    def gone() -> bool:
-        try:
-            cluster.get(name)
-        except ApiException as error:
-            return bool(error.status == 404)
-        return False
-
-    wait_for(gone, timeout=30, description="the FineTuneJob to be deleted")
+    wait_for(lambda: cluster.is_gone(name), timeout=30, description="the FineTuneJob to be deleted")
     wait_for(lambda: not cluster.jobs(name), timeout=90, description="garbage collection of the Jobs")
 
 
@@ -335,12 +298,5 @@ def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, operator: Opera
     cluster.wait_phase(name, "Succeeded")
     start = time.monotonic()
 
-    def gone() -> bool:
-        try:
-            cluster.get(name)
-        except ApiException as error:
-            return bool(error.status == 404)
-        return False
-
-    wait_for(gone, timeout=60, description="the TTL to delete the FineTuneJob")
+    wait_for(lambda: cluster.is_gone(name), timeout=60, description="the TTL to delete the FineTuneJob")
     assert time.monotonic() - start >= 1  # not at once: after the TTL
