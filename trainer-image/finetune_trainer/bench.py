@@ -96,26 +96,44 @@ def bench_packing(rows: int = 160, chunk_size: int = 512, steps: int = 8) -> dic
     return results
 
 
-def bench_llama2_7b_lora(steps: int = 10, micro_batch: int = 4, sequence: int = 2048) -> dict[str, Any]:
-    """LoRA (rank 8, all linear layers) on a random Llama-2-7B-shaped model on one GPU, bf16, checkpointing on."""
+LLAMA2_7B_SHAPE: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
+
+
+def lora_flops_per_token(parameters: int, layers: int, width: int, sequence: int) -> int:
+    """LoRA training FLOPs per token: 4N for the frozen base (see the module docstring) + 12·L·d·T attention."""
+    return 4 * parameters + 12 * layers * width * sequence
+
+
+def bench_lora_step_loop(
+    shape: dict[str, Any], device: str, steps: int = 10, micro_batch: int = 4, sequence: int = 2048
+) -> dict[str, Any]:
+    """LoRA (rank 8, all linear layers) steps on a random Llama of `shape`, bf16, activation checkpointing on.
+
+    `make bench-trainer` runs it Llama-2-7B-shaped on a GPU; the tests run the same loop tiny on the CPU.
+    """
     import torch
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune_trainer.model import lora_config
 
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
-    torch.set_default_dtype(torch.bfloat16)  # build the 13 GB of weights in bf16 directly on the GPU
+    config = LlamaConfig(**shape)
+
+    def synchronize() -> None:  # GPU kernels run asynchronously: wait for them before reading the clock
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    torch.set_default_dtype(torch.bfloat16)  # build the weights (13 GB at 7B) in bf16 directly on the device
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(torch.float32)
@@ -124,21 +142,21 @@ def bench_llama2_7b_lora(steps: int = 10, micro_batch: int = 4, sequence: int = 
     model.enable_input_require_grads()  # type: ignore[no-untyped-call]
     model = get_peft_model(model, lora_config(TrainingInput(train_data="bench.jsonl")))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (micro_batch, sequence), device="cuda")
-    for step in range(steps + 3):
-        if step == 3:
-            torch.cuda.synchronize()
+    ids = torch.randint(0, config.vocab_size, (micro_batch, sequence), device=device)
+    warmup = 3
+    for step in range(steps + warmup):
+        if step == warmup:
+            synchronize()
             started = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    synchronize()
     elapsed = time.perf_counter() - started
     tokens_per_second = steps * micro_batch * sequence / elapsed
-    layers, width = config.num_hidden_layers, config.hidden_size
-    flops_per_token = 4 * frozen + 12 * layers * width * sequence
-    name = torch.cuda.get_device_name()
+    flops_per_token = lora_flops_per_token(frozen, config.num_hidden_layers, config.hidden_size, sequence)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
     peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
     return {
         "device": name,
@@ -147,7 +165,7 @@ def bench_llama2_7b_lora(steps: int = 10, micro_batch: int = 4, sequence: int = 
         "flops_per_token": flops_per_token,
         "peak_bf16_tflops": peak,
         "mfu": tokens_per_second * flops_per_token / (peak * 1e12) if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
     }
 
 
@@ -165,7 +183,7 @@ def main() -> None:
     print(f"  packed vs unpacked: {packing['speedup_packed_vs_unpacked']:.2f}x real tokens/s")
     report: dict[str, Any] = {"packing": packing}
     if torch.cuda.is_available():
-        lora = bench_llama2_7b_lora()
+        lora = bench_lora_step_loop(LLAMA2_7B_SHAPE, "cuda")
         report["llama2_7b_lora"] = lora
         mfu = f"{lora['mfu']:.1%}" if lora["mfu"] is not None else "unknown (no peak figure for this device)"
         print(
