@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from finetune_operator import metrics
-from finetune_operator.kube import KubeApi
 from finetune_operator.settings import Settings
 from finetune_operator.trainer_log import TrainerLog
 
@@ -23,6 +23,16 @@ _RETRIES = 5
 # A follow stream that stays silent this long is checked: some kubelets (and kwok) keep it open after the
 # container stopped. A trainer prints progress far more often than this.
 IDLE_SECONDS = 60.0
+
+
+class LogApi(Protocol):
+    """The API calls a follower makes (kube.KubeApi has them)."""
+
+    def follow_log(self, namespace: str, pod: str, container: str, idle_timeout: float) -> Iterator[str]: ...
+
+    def container_terminated(self, namespace: str, pod: str, container: str) -> bool: ...
+
+    def patch_finetunejob_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class Stream:
 
 
 class LogFollowers:
-    def __init__(self, api: KubeApi, settings: Settings, on_end: Callable[[Stream], None]) -> None:
+    def __init__(self, api: LogApi, settings: Settings, on_end: Callable[[Stream], None]) -> None:
         self._api = api
         self._settings = settings
         self._on_end = on_end
