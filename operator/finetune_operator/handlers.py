@@ -12,7 +12,6 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.kube import KubeApi, load_client
 from finetune_operator.log_follower import LogFollowers, Stream
@@ -40,16 +39,13 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.client_timeout = 330
     operator_settings = Settings()
     api = KubeApi(load_client())
-    queue_holder: list[WorkQueue] = []
 
     def stream_ended(stream: Stream) -> None:
         # The trainer stopped: look at the job again now rather than at the next resync.
-        metrics.LOG_STREAMS.set(followers.active)
-        queue_holder[0].add_threadsafe((stream.namespace, stream.finetunejob))
+        queue.add_threadsafe((stream.namespace, stream.finetunejob))
 
     followers = LogFollowers(api, operator_settings, on_end=stream_ended)
     queue = WorkQueue(Reconciler(api, operator_settings, followers).reconcile)
-    queue_holder.append(queue)
     queue.start()
     memo["runtime"] = Runtime(queue=queue, followers=followers)
 
@@ -81,5 +77,4 @@ def pod_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_
 
 def _runtime(memo: kopf.Memo) -> Runtime:
     runtime: Runtime = memo["runtime"]
-    metrics.LOG_STREAMS.set(runtime.followers.active)
     return runtime

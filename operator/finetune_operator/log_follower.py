@@ -63,6 +63,7 @@ class LogFollowers:
                 current[1].set()
             stop = threading.Event()
             self._active[stream.uid] = (stream, stop)
+            metrics.LOG_STREAMS.set(len(self._active))
         thread = threading.Thread(target=self._run, args=(stream, stop), name=f"log-{stream.pod}", daemon=True)
         thread.start()
 
@@ -70,6 +71,7 @@ class LogFollowers:
         with self._lock:
             current = self._active.pop(uid, None)
             self._finished = {stream for stream in self._finished if stream.uid != uid}
+            metrics.LOG_STREAMS.set(len(self._active))
         if current is not None:
             current[1].set()
 
@@ -78,11 +80,7 @@ class LogFollowers:
             for _, stop in self._active.values():
                 stop.set()
             self._active.clear()
-
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._active)
+            metrics.LOG_STREAMS.set(0)
 
     def _run(self, stream: Stream, stop: threading.Event) -> None:
         failures = 0
@@ -100,6 +98,7 @@ class LogFollowers:
         with self._lock:
             if self._active.get(stream.uid, (None, None))[1] is stop:
                 del self._active[stream.uid]
+                metrics.LOG_STREAMS.set(len(self._active))
                 if not stop.is_set():
                     self._finished.add(stream)
         if not stop.is_set():

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,19 +51,27 @@ class OperatorProcess:
     kubeconfig: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
 
     def start(self) -> None:
+        self.metrics_port = free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
             "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
-            "FINETUNE_METRICS_PORT": str(free_port()),
+            "FINETUNE_METRICS_PORT": str(self.metrics_port),
         }
         command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
         command += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def metrics(self) -> str:
+        """The Prometheus exposition the operator serves."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text: str = response.read().decode()
+            return text
 
     def kill(self) -> None:
         """Kill -9: no clean-up of any kind, as when a node dies under the operator."""

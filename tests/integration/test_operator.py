@@ -7,6 +7,7 @@ the operator process, the Job controller, the scheduler, garbage collection.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -93,6 +94,11 @@ def test_minimal_example_runs_to_success_with_progress_and_weights(cluster: Clus
     assert conditions["Validated"] == ("True", "DataValid")
     assert done["observedGeneration"] == 1
     assert {"ValidatingData", "TrainingRunning", "TrainingSucceeded", "BatchSizeRounded"} <= cluster.event_reasons(name)
+    metrics = operator.metrics()
+    assert 'finetune_phase_transitions_total{phase="Succeeded"} 1.0' in metrics
+    events_read = re.search(r"^finetune_trainer_events_total (\S+)$", metrics, re.MULTILINE)
+    assert events_read is not None
+    assert float(events_read.group(1)) >= 33  # start, 30 progress, eval, sample (a stream read again counts again)
 
 
 def test_user_error_exit_fails_at_once_without_retry(cluster: Cluster, operator: OperatorProcess) -> None:
