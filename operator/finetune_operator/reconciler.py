@@ -74,7 +74,8 @@ class Reconciler:
             self._api.record_event(finetunejob, notice.type, notice.reason, notice.message)
         if decision.status.phase is not observation.status.phase:
             metrics.PHASE_TRANSITIONS.labels(phase=decision.status.phase.value).inc()
-        self._follow_rank0_log(finetunejob, observation)
+        if decision.status.phase is not Phase.CANCELED:
+            self._follow_rank0_log(finetunejob, observation)
         return decision.requeue_after
 
     def _observe(self, finetunejob: Obj) -> tuple[Observation, WorkloadNames]:
