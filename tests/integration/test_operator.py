@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from finetune_harness import DESTINATION, EXAMPLES, Cluster, OperatorProcess, install_crd, trainer_log_lines
+from kubernetes import client
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
 from testcluster import DevCluster
 
@@ -253,6 +254,18 @@ def test_two_node_qlora_example_gets_ranks_zero_and_one_behind_a_service(
     running = cluster.wait_phase(name, "Running")
     assert running["resolved"]["worldSize"] == 16
     assert running["workload"]["service"] == f"{name}-workers"
+    # The headless Service resolves <job>-0.<service> (MASTER_ADDR) and <job>-1.<service> to the two pods.
+    discovery = client.DiscoveryV1Api(cluster.api)
+
+    def hostnames() -> set[str] | None:
+        slices = discovery.list_namespaced_endpoint_slice(
+            cluster.namespace, label_selector=f"kubernetes.io/service-name={name}-workers"
+        ).items
+        names = {endpoint.hostname for piece in slices for endpoint in (piece.endpoints or []) if endpoint.addresses}
+        return names if len(names) == 2 else None
+
+    expected = {f"{name}-train-0", f"{name}-train-1"}
+    assert wait_for(hostnames, timeout=60, description="both pods behind the headless Service") == expected
 
 
 def test_kueue_queue_label_creates_the_job_suspended_for_admission(cluster: Cluster, operator: OperatorProcess) -> None:
