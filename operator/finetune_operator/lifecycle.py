@@ -449,6 +449,8 @@ def _termination_event(pods: Sequence[Manifest]) -> Any:
 def _pod_failure(job: Manifest, pods: Sequence[Manifest], default_reason: str) -> ErrorInfo:
     """What went wrong, from the newest failed pod: the trainer's error event, else the container's state."""
     job_reason, job_message = _job_failure(job)
+    if job_reason == "DeadlineExceeded":  # the Job controller stopped the pods: their exit codes say nothing
+        return ErrorInfo(reason=job_reason, message=job_message or "spec.activeDeadlineSeconds was exceeded")
     for pod in _newest_first(pods):
         terminated = _terminated(pod)
         exit_code = terminated.get("exitCode")

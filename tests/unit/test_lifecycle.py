@@ -336,3 +336,12 @@ def test_finished_trainer_stays_running_until_the_job_completes() -> None:
     decision = decide(observe(status=running, train_job=job(), train_pods=[done]))
     assert decision.status.phase is Phase.RUNNING
     assert decision.notices == ()
+
+
+def test_active_deadline_is_reported_as_such() -> None:
+    killed = pod(phase="Failed", state=terminated(137, "", "Error"))
+    decision = decide(
+        observe(status=validated_status(), train_job=job(("Failed", "DeadlineExceeded")), train_pods=[killed])
+    )
+    assert decision.status.error is not None
+    assert decision.status.error.reason == "DeadlineExceeded"
