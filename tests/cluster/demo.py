@@ -93,13 +93,16 @@ def play_trainer(cluster: DevCluster, core: Any, write: Any, seconds: float) -> 
     terminate_pod(cluster.api, NAMESPACE, validation, 0, message=(RECORDING / "validate-termination.json").read_text())
     trainer = wait_for_pod(core, "training")
     lines = (RECORDING / "train.log").read_text().splitlines()
+    # Time goes by between the trainer's events (its steps), not between its other lines (start-up chatter).
+    pause = seconds / max(1, sum(parse_line(line) is not None for line in lines))
     output: OutputEvent | None = None
     for line in lines:
         write(line)
         event = parse_line(line)
         if isinstance(event, OutputEvent):
             output = event
-        time.sleep(seconds / max(len(lines), 1))
+        if event is not None:
+            time.sleep(pause)
     if output is None:
         raise SystemExit("the recording has no output event")
     terminate_pod(cluster.api, NAMESPACE, trainer, 0, message=termination_message(output))
