@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from finetune_operator.api.spec import KubeModel
+from finetune_operator.protocol import ResolvedRun
 
 
 class Phase(StrEnum):
@@ -67,17 +68,11 @@ class Progress(KubeModel):
     last_heartbeat: str | None = None
 
 
-class Resolved(KubeModel):
+# The trainer's ResolvedRun (protocol, snake_case), as the status shows it (camelCase).
+class Resolved(KubeModel, ResolvedRun):
     """The batch plan and data sizes the run actually uses."""
 
-    world_size: int
-    per_device_batch_size: int
-    gradient_accumulation_steps: int
-    effective_batch_size: int
-    train_rows: int | None = None
-    validation_rows: int | None = None
-    train_tokens: int | None = None
-    steps_per_epoch: int | None = None
+    model_config = ConfigDict(frozen=False, extra="forbid")
 
 
 class ValidationSample(KubeModel):
