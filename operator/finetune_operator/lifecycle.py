@@ -36,11 +36,10 @@ from finetune_operator.protocol import (
     ValidatedEvent,
     parse_termination_message,
 )
+from finetune_operator.workload import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
 
 Manifest = Mapping[str, Any]
 
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-TRAINER_CONTAINER = "trainer"
 # While a job is active, look again this often even without events: gpuSeconds and timeouts move with time.
 ACTIVE_RESYNC_SECONDS = 30.0
 
@@ -217,10 +216,10 @@ def _training_step(obs: Observation, validated_now: bool = False) -> _Step:
         conditions[ConditionType.ADMITTED] = ("False", "Unschedulable", unschedulable)
         return _Step(Phase.QUEUED, "Unschedulable", unschedulable, conditions, actions)
     conditions[ConditionType.ADMITTED] = ("True", "PodsScheduled", "the trainer pods have their GPUs")
-    if any(_completion_index(pod) == 0 and _pod_phase(pod) == "Running" for pod in active):
+    if any(completion_index(pod) == 0 and _pod_phase(pod) == "Running" for pod in active):
         conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
         return _Step(Phase.RUNNING, "TrainingRunning", "the trainer is running", conditions, actions)
-    if any(_completion_index(pod) == 0 and _pod_phase(pod) == "Succeeded" for pod in obs.train_pods):
+    if any(completion_index(pod) == 0 and _pod_phase(pod) == "Succeeded" for pod in obs.train_pods):
         # The trainer is done; the Job controller marks the Job Complete a moment later.
         conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
         return _Step(Phase.RUNNING, "TrainingRunning", "the trainer finished; the Job is completing", conditions)
@@ -429,8 +428,8 @@ def _gpu_seconds(spec: FineTuneJobSpec, pods: Sequence[Manifest], now: datetime)
 
 
 def _rank0_output(pods: Sequence[Manifest]) -> Output | None:
-    for pod in _newest_first(pods):
-        if _completion_index(pod) != 0:
+    for pod in newest_first(pods):
+        if completion_index(pod) != 0:
             continue
         event = parse_termination_message(str(_terminated(pod).get("message") or ""))
         if isinstance(event, OutputEvent):
@@ -439,7 +438,7 @@ def _rank0_output(pods: Sequence[Manifest]) -> Output | None:
 
 
 def _termination_event(pods: Sequence[Manifest]) -> Any:
-    for pod in _newest_first(pods):
+    for pod in newest_first(pods):
         message = _terminated(pod).get("message")
         if message:
             return parse_termination_message(str(message))
@@ -451,7 +450,7 @@ def _pod_failure(job: Manifest, pods: Sequence[Manifest], default_reason: str) -
     job_reason, job_message = _job_failure(job)
     if job_reason == "DeadlineExceeded":  # the Job controller stopped the pods: their exit codes say nothing
         return ErrorInfo(reason=job_reason, message=job_message or "spec.activeDeadlineSeconds was exceeded")
-    for pod in _newest_first(pods):
+    for pod in newest_first(pods):
         terminated = _terminated(pod)
         exit_code = terminated.get("exitCode")
         if _pod_phase(pod) != "Failed" or exit_code in (None, 0):
@@ -534,10 +533,11 @@ def _deleting(pod: Manifest) -> bool:
     return bool(pod.get("metadata", {}).get("deletionTimestamp"))
 
 
-def _completion_index(pod: Manifest) -> int | None:
+def completion_index(pod: Manifest) -> int | None:
+    """The pod's index in its Indexed Job: 0 is the trainer's rank 0."""
     value = pod.get("metadata", {}).get("annotations", {}).get(COMPLETION_INDEX_ANNOTATION)
     return int(value) if value is not None and str(value).isdigit() else None
 
 
-def _newest_first(pods: Sequence[Manifest]) -> list[Manifest]:
+def newest_first(pods: Sequence[Manifest]) -> list[Manifest]:
     return sorted(pods, key=lambda pod: str(pod.get("metadata", {}).get("creationTimestamp", "")), reverse=True)

@@ -170,22 +170,21 @@ class Reconciler:
             metrics.STATUS_PATCHES.labels(source="reconcile").inc()
 
     def _follow_rank0_log(self, finetunejob: Obj, obs: Observation) -> None:
+        started = ("Running", "Succeeded", "Failed")
         rank0 = [
             pod
-            for pod in obs.train_pods
-            if pod.get("metadata", {}).get("annotations", {}).get(lifecycle.COMPLETION_INDEX_ANNOTATION) == "0"
-            and pod.get("status", {}).get("phase") in ("Running", "Succeeded", "Failed")
+            for pod in lifecycle.newest_first(obs.train_pods)
+            if lifecycle.completion_index(pod) == 0 and pod.get("status", {}).get("phase") in started
         ]
         if not rank0:
             return
-        newest = max(rank0, key=lambda pod: str(pod["metadata"].get("creationTimestamp", "")))
         metadata = finetunejob["metadata"]
         self._followers.follow(
             Stream(
                 namespace=metadata["namespace"],
                 finetunejob=metadata["name"],
                 uid=metadata["uid"],
-                pod=newest["metadata"]["name"],
+                pod=rank0[0]["metadata"]["name"],
                 container=TRAINER_CONTAINER,
             )
         )
