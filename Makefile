@@ -31,7 +31,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check operator trainer-image tests
 	$(VENV)/bin/mypy
 	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/unit
-	$(VENV)/bin/mypy tests/trainer
+	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/trainer
 	MYPYPATH=tests/cluster:tests/integration $(VENV)/bin/mypy --explicit-package-bases tests/cluster tests/integration
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint operator/Dockerfile trainer-image/Dockerfile

@@ -74,6 +74,22 @@ def wait_for(
 # ----------------------------------------------------------------------------------------------- pods
 
 
+def gpu_pod_spec(gpus: int = 8, image: str = "registry.example/finetune-trainer:test") -> dict[str, Any]:
+    """A pod spec that asks for `gpus` A40s, with the node selector and toleration of the simulated GPU nodes."""
+    return {
+        "restartPolicy": "Never",
+        "nodeSelector": dict(A40_NODE_SELECTOR),
+        "tolerations": [dict(GPU_TOLERATION)],
+        "containers": [
+            {
+                "name": "trainer",
+                "image": image,
+                "resources": {"limits": {GPU_RESOURCE: str(gpus)}, "requests": {GPU_RESOURCE: str(gpus)}},
+            }
+        ],
+    }
+
+
 def gpu_pod_manifest(
     name: str,
     *,
@@ -82,23 +98,12 @@ def gpu_pod_manifest(
     annotations: Mapping[str, str] | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A pod that asks for `gpus` A40s, with the node selector and toleration of the simulated GPU nodes."""
+    """A pod that asks for `gpus` A40s (see `gpu_pod_spec`)."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "annotations": dict(annotations or {}), "labels": dict(labels or {})},
-        "spec": {
-            "restartPolicy": "Never",
-            "nodeSelector": dict(A40_NODE_SELECTOR),
-            "tolerations": [dict(GPU_TOLERATION)],
-            "containers": [
-                {
-                    "name": "trainer",
-                    "image": image,
-                    "resources": {"limits": {GPU_RESOURCE: str(gpus)}, "requests": {GPU_RESOURCE: str(gpus)}},
-                }
-            ],
-        },
+        "spec": gpu_pod_spec(gpus, image),
     }
 
 

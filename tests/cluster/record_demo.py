@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from testcluster import free_port
 
 from finetune_trainer.tiny_model import save_tiny_llama
 
@@ -41,13 +42,6 @@ def rows(count: int) -> list[dict[str, str]]:
         {"prompt": f"Customer: I need help with my {TOPICS[i % 8]}.\nAgent:", "completion": f" {ANSWERS[i % 8]}"}
         for i in range(count)
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def main() -> int:

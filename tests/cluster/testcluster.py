@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import uuid
@@ -15,6 +16,14 @@ import devcluster as dc
 from kubernetes import client, config
 
 DEVCLUSTER_SCRIPT = Path(dc.__file__).resolve()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 class DevClusterFailed(RuntimeError):

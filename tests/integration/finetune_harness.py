@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import PodLogs, terminate_pod, wait_for
-from testcluster import DevCluster
+from testcluster import DevCluster, free_port
 
 from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from finetune_operator.crdgen import custom_resource_definition
@@ -34,13 +33,6 @@ from finetune_operator.protocol import (
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DESTINATION = "s3://finetune-outputs"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -14,11 +14,10 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import (
-    A40_NODE_SELECTOR,
     GPU_RESOURCE,
-    GPU_TOLERATION,
     PodLogsFactory,
     gpu_pod_manifest,
+    gpu_pod_spec,
     register_namespace_logs,
     terminate_pod,
     termination_annotations,
@@ -61,18 +60,7 @@ def _job(name: str, *, completions: int, annotations: dict[str, str] | None = No
             "backoffLimit": 3,
             "template": {
                 "metadata": {"annotations": annotations or {}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "nodeSelector": dict(A40_NODE_SELECTOR),
-                    "tolerations": [dict(GPU_TOLERATION)],
-                    "containers": [
-                        {
-                            "name": "trainer",
-                            "image": "registry.example/finetune-trainer:test",
-                            "resources": {"limits": {GPU_RESOURCE: "1"}},
-                        }
-                    ],
-                },
+                "spec": gpu_pod_spec(gpus=1),
             },
             **spec,
         },

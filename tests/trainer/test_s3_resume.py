@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
+from testcluster import free_port
 
 from finetune_operator.protocol import CheckpointEvent, OutputEvent, ProgressEvent, StartEvent, parse_line
 
@@ -26,19 +27,12 @@ pytestmark = pytest.mark.trainer
 BUCKET = "finetunes"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if server is None:
         pytest.fail("moto_server not installed (the dev extra's moto[server])")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
