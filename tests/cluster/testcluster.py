@@ -14,6 +14,8 @@ from typing import Any
 
 import devcluster as dc
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kwokpods import unregister_namespace_logs, wait_for
 
 DEVCLUSTER_SCRIPT = Path(dc.__file__).resolve()
 
@@ -40,16 +42,24 @@ class DevCluster:
     # kwok serves pod logs from files; tests write them under here
     pod_log_dir: Path
     kubectl: Path
+    # the API server's audit log (`devcluster.py up --audit`); None when it does not write one
+    audit_log: Path | None = None
 
-    def kubectl_run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run kubectl against the cluster; raises CalledProcessError on failure."""
-        return subprocess.run(
+    def kubectl_run(
+        self, *args: str, stdin: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against the cluster; raises DevClusterFailed (with kubectl's message) on failure."""
+        result = subprocess.run(
             [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
             capture_output=True,
             text=True,
-            check=True,
+            check=False,
             timeout=timeout,
         )
+        if result.returncode != 0:
+            raise DevClusterFailed(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+        return result
 
     def new_api_client(self) -> client.ApiClient:
         """A separate ApiClient (own connection pool) with the admin credentials; close it when done."""
@@ -67,10 +77,43 @@ def new_api_client(kubeconfig: Path) -> client.ApiClient:
     return api
 
 
-def run_devcluster(command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run `devcluster.py <command>` (build, up, down, status) in a child process."""
+def create_namespace(api: client.ApiClient, name: str, labels: dict[str, str] | None = None) -> str:
+    """A new namespace, once its default ServiceAccount exists (pods cannot be created before)."""
+    core: Any = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
+    wait_for(
+        lambda: core.read_namespaced_service_account("default", name),
+        timeout=60,
+        description=f"the default ServiceAccount in {name}",
+    )
+    return name
+
+
+def delete_namespace(api: client.ApiClient, name: str, *, timeout: float = 120) -> None:
+    """Delete the namespace; returns when its pods are gone (they hold simulated GPUs), the rest goes on after.
+
+    Pods go first and at once (grace period 0); kwok's ClusterLogs object for the namespace goes too.
+    """
+    core: Any = client.CoreV1Api(api)
+    core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+    unregister_namespace_logs(api, name)
+    try:
+        core.delete_namespace(name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    wait_for(
+        lambda: not core.list_namespaced_pod(name, limit=1).items,
+        timeout=timeout,
+        interval=0.5,
+        description=f"the pods of namespace {name} to be deleted",
+    )
+
+
+def run_devcluster(command: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `devcluster.py <command> [args]` (build, up, down, status, restart) in a child process."""
     result = subprocess.run(
-        [sys.executable, str(DEVCLUSTER_SCRIPT), command],
+        [sys.executable, str(DEVCLUSTER_SCRIPT), command, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,13 +125,15 @@ def run_devcluster(command: str, timeout: float = 600) -> subprocess.CompletedPr
 
 
 @contextmanager
-def running_cluster(*, stop_if_started: bool = True) -> Iterator[DevCluster]:
+def running_cluster(*, stop_if_started: bool = True, audit: bool = False) -> Iterator[DevCluster]:
     """Start the local cluster, or reuse a healthy one. A cluster started here is stopped on exit when
-    `stop_if_started`; a cluster that was already up is always left up."""
+    `stop_if_started`; a cluster that was already up is always left up. With `audit`, the API server writes its
+    audit log (a running one without it is restarted with it, on the same port)."""
     was_up = run_devcluster("status", timeout=60).returncode == 0
     if not was_up:
         run_devcluster("build", timeout=3600)  # a no-op when the binaries are cached
-        run_devcluster("up", timeout=600)
+    if not was_up or audit:
+        run_devcluster("up", *(["--audit"] if audit else []), timeout=600)
     layout = dc.Layout(dc.state_dir())
     state = dc.State.load(layout.state)
     if state is None:
@@ -102,6 +147,7 @@ def running_cluster(*, stop_if_started: bool = True) -> Iterator[DevCluster]:
             api=api,
             pod_log_dir=layout.pod_logs,
             kubectl=Path(state.binaries["kubectl"]),
+            audit_log=layout.audit_log if state.audit else None,
         )
     finally:
         closing: Any = api

@@ -14,13 +14,10 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-from kwokpods import PodLogs, PodLogsFactory, register_pod_logs, unregister_namespace_logs, wait_for
-from testcluster import DevCluster, DevClusterFailed, running_cluster
+from kwokpods import PodLogs, PodLogsFactory, register_pod_logs
+from testcluster import DevCluster, DevClusterFailed, create_namespace, delete_namespace, running_cluster
 
 
 @pytest.fixture(scope="session")
@@ -40,30 +37,11 @@ def _namespace_name(test_name: str) -> str:
 @pytest.fixture
 def namespace(devcluster: DevCluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace whose default ServiceAccount exists; deleted (and waited for) after the test."""
-    core: Any = client.CoreV1Api(devcluster.api)
-    name = _namespace_name(request.node.name)
-    core.create_namespace({"metadata": {"name": name, "labels": {"devcluster.finetune.dev/test": "true"}}})
-    wait_for(
-        lambda: core.read_namespaced_service_account("default", name),
-        timeout=60,
-        description=f"the default ServiceAccount in {name}",
+    name = create_namespace(
+        devcluster.api, _namespace_name(request.node.name), labels={"devcluster.finetune.dev/test": "true"}
     )
     yield name
-    # Pods go first and at once (grace period 0), so that one test's pods never hold simulated GPUs that the
-    # next test asks for; the namespace controller then removes the rest in the background.
-    core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
-    unregister_namespace_logs(devcluster.api, name)
-    try:
-        core.delete_namespace(name)
-    except ApiException as error:
-        if error.status != 404:
-            raise
-    wait_for(
-        lambda: not core.list_namespaced_pod(name).items,
-        timeout=120,
-        interval=0.5,
-        description=f"the pods of namespace {name} to be deleted",
-    )
+    delete_namespace(devcluster.api, name)
 
 
 @pytest.fixture

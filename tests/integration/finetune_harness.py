@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import operatorprocess
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import PodLogs, terminate_pod, wait_for
-from testcluster import DevCluster, free_port
+from testcluster import DevCluster
 
 from finetune_contract.protocol import (
     EvalEvent,
@@ -35,53 +31,15 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DESTINATION = "s3://finetune-outputs"
 
 
+# Progress is patched at once, so that tests see it without waiting out the default interval.
+TEST_SETTINGS = {"FINETUNE_DEFAULT_DESTINATION": DESTINATION, "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1"}
+
+
 @dataclass
-class OperatorProcess:
-    """`finetune-operator run` watching one namespace."""
+class OperatorProcess(operatorprocess.OperatorProcess):
+    """`finetune-operator run` watching one namespace, with the tests' settings."""
 
-    namespace: str
-    kubeconfig: Path
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    metrics_port: int = 0
-
-    def start(self) -> None:
-        self.metrics_port = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
-            "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
-            "FINETUNE_METRICS_PORT": str(self.metrics_port),
-        }
-        command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
-        command += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def metrics(self) -> str:
-        """The Prometheus exposition the operator serves."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
-            text: str = response.read().decode()
-            return text
-
-    def kill(self) -> None:
-        """Kill -9: no clean-up of any kind, as when a node dies under the operator."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        return self.process.returncode
+    settings: Mapping[str, str] = field(default_factory=lambda: dict(TEST_SETTINGS))
 
 
 class Cluster:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from finetune_harness import DESTINATION, Cluster, OperatorProcess, install_crd, trainer_log_lines
-from helmchart import helm_binary, render_chart, render_chart_text
+from helmchart import helm_binary, render_chart_text
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
+from operatorprocess import install_operator_identity, remove_operator_identity
 from testcluster import DevCluster, new_api_client
 
 from finetune_contract.protocol import (
@@ -37,7 +37,6 @@ pytestmark = [
     pytest.mark.skipif(helm_binary() is None, reason="no helm binary: run `make cluster-binaries`"),
 ]
 
-RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 TOTAL_STEPS = 6
 OUTPUT = OutputEvent(
     weights=f"{DESTINATION}/chart-rbac/",
@@ -69,28 +68,6 @@ def kubectl(devcluster: DevCluster, *args: str, stdin: str) -> str:
     return result.stdout
 
 
-def service_account_kubeconfig(devcluster: DevCluster, namespace: str, service_account: str, path: Path) -> Path:
-    """A kubeconfig for the admin's server and CA, with a bound token of the ServiceAccount as its only user."""
-    token_request = client.CoreV1Api(devcluster.api).create_namespaced_service_account_token(
-        service_account, namespace, {"spec": {"expirationSeconds": 3600}}
-    )
-    admin = yaml.safe_load(devcluster.kubeconfig.read_text())
-    context = next(c["context"] for c in admin["contexts"] if c["name"] == admin["current-context"])
-    cluster = next(c["cluster"] for c in admin["clusters"] if c["name"] == context["cluster"])
-    user = f"system:serviceaccount:{namespace}:{service_account}"
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "devcluster", "cluster": cluster}],
-        "users": [{"name": user, "user": {"token": token_request.status.token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "devcluster", "user": user, "namespace": namespace}}],
-        "current-context": "operator",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
-
-
 def _fail_unless_the_token_is_sent(api: client.ApiClient) -> None:
     try:
         client.AuthenticationV1Api(api).create_self_subject_review(
@@ -109,21 +86,15 @@ def _fail_unless_the_token_is_sent(api: client.ApiClient) -> None:
 @pytest.fixture
 def chart_identity(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[ChartIdentity]:
     install_crd(devcluster.api)
-    # The release is named like the namespace, so the cluster-scoped objects of two tests never collide.
-    rendered = render_chart({"watchNamespaces": [namespace]}, release=namespace, namespace=namespace)
-    rbac = [obj for obj in rendered if obj["kind"] in RBAC_KINDS]
-    manifests = yaml.safe_dump_all(rbac)
-    kubectl(devcluster, "apply", "--server-side", "-f", "-", stdin=manifests)
-    service_account = next(obj for obj in rbac if obj["kind"] == "ServiceAccount")["metadata"]["name"]
-    kubeconfig = service_account_kubeconfig(devcluster, namespace, service_account, tmp_path / "operator.kubeconfig")
-    api = new_api_client(kubeconfig)
+    identity = install_operator_identity(devcluster, namespace, tmp_path / "operator.kubeconfig")
+    api = new_api_client(identity.kubeconfig)
     try:
         _fail_unless_the_token_is_sent(api)
-        yield ChartIdentity(namespace, service_account, kubeconfig, api)
+        yield ChartIdentity(namespace, identity.service_account, identity.kubeconfig, api)
     finally:
         closing: Any = api
         closing.close()
-        kubectl(devcluster, "delete", "--ignore-not-found", "--wait=false", "-f", "-", stdin=manifests)
+        remove_operator_identity(devcluster, identity)
 
 
 @pytest.fixture
