@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEVCLUSTER := tests/cluster/devcluster.py
 
-.PHONY: help venv lint unit integration trainer-tests test crds cluster-binaries cluster-up cluster-down demo bench-trainer
+.PHONY: help venv lint unit integration trainer-tests test crds cluster-binaries cluster-up cluster-down demo bench-trainer \
+	bench-operator chaos
 
 help:
 	@echo "make demo          bring up the local cluster and run a FineTuneJob on simulated A40 nodes"
@@ -15,6 +16,8 @@ help:
 	@echo "make cluster-up    start the local control plane (builds it from source the first time)"
 	@echo "make cluster-down  stop it"
 	@echo "make bench-trainer packing and throughput benchmark of the trainer"
+	@echo "make bench-operator the operator's cost per FineTuneJob against bare Jobs (N=100,300,1000; BENCH_ARGS=...)"
+	@echo "make chaos         200 FineTuneJobs through operator kills, API server and etcd restarts, evictions (CHAOS_ARGS=...)"
 
 # The virtual environment is rebuilt whenever a pyproject.toml changes. It holds the three distributions: the
 # contract, the operator (with the dev tools) and the trainer (for its CPU tests).
@@ -44,8 +47,9 @@ unit: venv
 trainer-tests: venv
 	$(VENV)/bin/pytest -q tests/trainer
 
+# The API server writes its audit log: the operator benchmark's small form counts the operator's requests from it.
 integration: venv cluster-binaries
-	$(VENV)/bin/pytest -q tests/integration
+	DEVCLUSTER_AUDIT=1 $(VENV)/bin/pytest -q tests/integration
 
 test: lint unit trainer-tests integration
 
@@ -66,3 +70,11 @@ demo: cluster-up
 
 bench-trainer: venv
 	$(PY) -m finetune_trainer.bench
+
+BENCH_ARGS ?=
+bench-operator: cluster-binaries
+	$(PY) tests/cluster/bench_operator.py $(BENCH_ARGS)
+
+CHAOS_ARGS ?=
+chaos: cluster-binaries
+	$(PY) tests/cluster/chaos.py $(CHAOS_ARGS)

@@ -35,17 +35,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import devcluster as dc
 from auditlog import Usage, operator_usage, read_audit_events
 from informer import Informer, Obj
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import wait_for
-from operatorprocess import OperatorProcess, install_operator_identity, remove_operator_identity
-from simtrainer import BENCH_MANAGER, SimTrainer, TrainerTiming
-from testcluster import DevCluster, create_namespace, delete_namespace, running_cluster
+from operatorprocess import (
+    MANY_JOBS_SETTINGS,
+    OperatorProcess,
+    install_operator_identity,
+    remove_operator_identity,
+)
+from simtrainer import (
+    BENCH_MANAGER,
+    SIMULATED_DESTINATION,
+    SIMULATED_SPEC,
+    SimTrainer,
+    TrainerTiming,
+    finetunejob_manifest,
+)
+from testcluster import (
+    DevCluster,
+    create_namespace,
+    delete_namespace,
+    ensure_nodes,
+    install_crds,
+    remove_nodes,
+    running_cluster,
+)
 
-from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.api.spec import FineTuneJobSpec
 from finetune_operator.conventions import COMPONENT_LABEL, MANAGED_BY_LABEL, Component
 from finetune_operator.resolution import Owner, resolve_run
@@ -54,18 +73,9 @@ from finetune_operator.workload import build_train_job
 
 DEFAULT_SIZES = (100, 300, 1000)
 HUGE_SIZE = 5000
-NODE_POOL_LABEL = "devcluster.finetune.dev/pool"
 NODE_POOL = "bench"
 PODS_PER_CPU_NODE = 100
 FINAL_PHASES = frozenset(("Succeeded", "Failed", "Canceled"))
-DESTINATION = "s3://bench"
-SPEC: dict[str, Any] = {"input": {"train_data": "https://datasets.example.com/bench/train.jsonl"}}
-# The validation pods of N jobs share a few CPU nodes.
-OPERATOR_SETTINGS = {
-    "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
-    "FINETUNE_VALIDATION_CPU": "100m",
-    "FINETUNE_VALIDATION_MEMORY": "256Mi",
-}
 
 
 def say(text: str) -> None:
@@ -163,37 +173,6 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------- nodes
-
-
-def ensure_nodes(api: client.ApiClient, gpu_nodes: int, cpu_nodes: int) -> None:
-    """At least this many simulated A40 and CPU nodes of the benchmark's pool, all Ready."""
-    core: Any = client.CoreV1Api(api)
-    wanted = [dc.gpu_node_manifest(f"bench-gpu-node-{i}") for i in range(gpu_nodes)]
-    wanted += [dc.cpu_node_manifest(f"bench-cpu-node-{i}") for i in range(cpu_nodes)]
-    existing = {node.metadata.name for node in core.list_node(label_selector=f"{NODE_POOL_LABEL}={NODE_POOL}").items}
-    missing = [node for node in wanted if node["metadata"]["name"] not in existing]
-    for node in missing:
-        node["metadata"]["labels"][NODE_POOL_LABEL] = NODE_POOL
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(core.create_node, missing))
-    names = {node["metadata"]["name"] for node in wanted}
-
-    def all_ready() -> bool:
-        ready = {
-            node.metadata.name
-            for node in core.list_node(label_selector=f"{NODE_POOL_LABEL}={NODE_POOL}").items
-            if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
-        }
-        return names <= ready
-
-    wait_for(all_ready, timeout=120 + len(wanted) / 5, interval=1, description=f"{len(wanted)} benchmark nodes Ready")
-
-
-def remove_nodes(api: client.ApiClient) -> None:
-    client.CoreV1Api(api).delete_collection_node(label_selector=f"{NODE_POOL_LABEL}={NODE_POOL}")
-
-
 # ---------------------------------------------------------------------------------------------------- the floor
 
 
@@ -201,8 +180,8 @@ def bare_training_job(namespace: str, name: str) -> dict[str, Any]:
     """The operator's training Job for a FineTuneJob of SPEC, without owner and with the benchmark's labels."""
     run = resolve_run(
         Owner(name=name, namespace=namespace, uid=str(uuid.uuid4()), labels={}),
-        FineTuneJobSpec.model_validate(SPEC),
-        Settings(default_destination=DESTINATION),
+        FineTuneJobSpec.model_validate(SIMULATED_SPEC),
+        Settings(default_destination=SIMULATED_DESTINATION),
     )
     job = build_train_job(run)
     labels = {MANAGED_BY_LABEL: BENCH_MANAGER, COMPONENT_LABEL: Component.TRAINING.value}
@@ -307,7 +286,7 @@ def run_operator(
     identity = install_operator_identity(
         devcluster, namespace, workdir / f"operator-{n}.kubeconfig", token_seconds=6 * 3600
     )
-    operator = OperatorProcess(namespace, identity.kubeconfig, workdir / f"operator-{n}.log", OPERATOR_SETTINGS)
+    operator = OperatorProcess(namespace, identity.kubeconfig, workdir / f"operator-{n}.log", MANY_JOBS_SETTINGS)
     custom: Any = client.CustomObjectsApi(devcluster.api)
     try:
         with SimTrainer(devcluster.kubeconfig, namespace, workdir / "pod-logs", timing) as trainer:
@@ -319,8 +298,7 @@ def run_operator(
             created_at: dict[str, float] = {}
 
             def create(name: str) -> None:
-                body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": SPEC}
-                custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+                custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, finetunejob_manifest(name))
                 created_at[name] = time.monotonic()
 
             with PhaseWatch(devcluster.api, namespace) as phases, UsageSampler(operator) as sampler:
@@ -377,7 +355,7 @@ def side_timeout(n: int, timing: TrainerTiming) -> float:
 
 
 def run_size(devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path) -> BenchResult:
-    ensure_nodes(devcluster.api, gpu_nodes=n, cpu_nodes=math.ceil(n / PODS_PER_CPU_NODE))
+    ensure_nodes(devcluster.api, NODE_POOL, gpu_nodes=n, cpu_nodes=math.ceil(n / PODS_PER_CPU_NODE))
     say(f"N = {n}: {n} bare Jobs")
     bare = run_bare(devcluster, n, timing, workdir)
     say(f"N = {n}: {n} FineTuneJobs")
@@ -420,7 +398,7 @@ def run(devcluster: DevCluster, options: Options) -> list[BenchResult]:
                 results.append(result)
         finally:
             if not options.keep_nodes:
-                remove_nodes(devcluster.api)
+                remove_nodes(devcluster.api, NODE_POOL)
     return results
 
 
@@ -428,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     try:
         with running_cluster(stop_if_started=False, audit=True) as devcluster:
+            install_crds(devcluster)
             run(devcluster, options)
     except ApiException as error:
         say(f"the API server refused a request: {error.status} {error.reason}: {error.body}")

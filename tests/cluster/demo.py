@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
-from testcluster import DevCluster, running_cluster
+from testcluster import DevCluster, install_crds, running_cluster
 
 from finetune_contract.protocol import OutputEvent, parse_line, termination_message
 from finetune_operator.api import GROUP, PLURAL, VERSION
@@ -46,8 +46,7 @@ def run_demo(cluster: DevCluster, seconds: float) -> int:
     core: Any = client.CoreV1Api(cluster.api)
     say(f"Cluster nodes ({cluster.server})")
     print(cluster.kubectl_run("get", "nodes", "-L", "nvidia.com/gpu.product", "-L", "nvidia.com/gpu.count").stdout)
-    cluster.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl_run("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev")
+    install_crds(cluster)
     fresh_namespace(cluster, core)
     logs = register_namespace_logs(cluster.api, NAMESPACE, cluster.pod_log_file(NAMESPACE, "demo"))
 

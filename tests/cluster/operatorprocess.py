@@ -24,9 +24,17 @@ from typing import Any
 import yaml
 from helmchart import render_chart
 from kubernetes import client
+from simtrainer import SIMULATED_DESTINATION
 from testcluster import DevCluster, free_port
 
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+# The operator's settings for hundreds of FineTuneJobs on the simulated nodes: outputs under the simulated
+# trainer's bucket, and validation pods small enough that a few CPU nodes hold them all.
+MANY_JOBS_SETTINGS = {
+    "FINETUNE_DEFAULT_DESTINATION": SIMULATED_DESTINATION,
+    "FINETUNE_VALIDATION_CPU": "100m",
+    "FINETUNE_VALIDATION_MEMORY": "256Mi",
+}
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

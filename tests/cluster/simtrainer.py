@@ -7,11 +7,11 @@ Jobs of the benchmark, labelled `app.kubernetes.io/managed-by=finetune-bench`):
 
 - a validation pod, once Running, exits 0 after `validation_seconds` with a `validated` termination message;
 - a training pod of completion index 0 (rank 0) gets a log served by kwok (kwokpods.register_pod_logs) that grows
-  by a `start` event and then one `progress` event every `step_seconds`; after `training_seconds` it prints an
-  `output` event and exits 0 with the `output` termination message. The weights URI embeds the pod's Job's UID
-  (`s3://sim/<job-uid>/`), so that an output reported on another run's FineTuneJob is caught. A rank-0 pod that
-  replaces an evicted one resumes from the step its predecessor reached, as from a checkpoint;
-- the other training pods exit 0 with rank 0.
+  by a `start` event and then one `progress` event every `step_seconds`; after the last step (`training_seconds`
+  in all) it prints an `output` event and exits 0 with the `output` termination message. The weights URI embeds
+  the pod's Job's UID (`s3://sim/<job-uid>/`), so that an output reported on another run's FineTuneJob is caught.
+  A rank-0 pod that replaces an evicted one resumes from the step its predecessor reached, as from a checkpoint;
+- the other training pods exit 0 after `training_seconds`.
 
 A pod on a node in `stopped_nodes` is left alone (its kubelet is dead: its log stops growing, it never exits).
 Everything seen and done is kept in `PodRecord`s and `JobRecord`s for the checks of the benchmark and fault run.
@@ -48,6 +48,7 @@ from finetune_contract.protocol import (
     encode,
     termination_message,
 )
+from finetune_operator.api import API_VERSION, KIND
 from finetune_operator.conventions import (
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
@@ -63,8 +64,15 @@ log = logging.getLogger(__name__)
 BENCH_MANAGER = "finetune-bench"
 POD_SELECTOR = f"{MANAGED_BY_LABEL} in ({MANAGER_NAME},{BENCH_MANAGER})"
 OUTPUT_PREFIX = "s3://sim/"
+SIMULATED_DESTINATION = OUTPUT_PREFIX.rstrip("/")
+# What the FineTuneJobs played by the simulated trainer ask for: the defaults (one node of 8 A40s, LoRA).
+SIMULATED_SPEC: dict[str, Any] = {"input": {"train_data": "https://datasets.example.com/sim/train.jsonl"}}
 WORLD_SIZE = 8
 RETRY_SECONDS = 2.0
+
+
+def finetunejob_manifest(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec or SIMULATED_SPEC}
 
 
 def output_uri(job_uid: str) -> str:
@@ -125,6 +133,8 @@ class PodRecord:
     ended_seq: int | None = None
     ended_at: float | None = None
     steps_written: int = 0
+    # the step of the last progress event it printed, and when
+    last_step: int = 0
     last_step_at: float | None = None
     output_uri: str | None = None
     exit_requested_at: float | None = None
@@ -309,7 +319,6 @@ class SimTrainer:
             self._after(timing.validation_seconds, functools.partial(self._exit, record.uid, validated))
         elif record.rank0_trainer:
             self._after(0.0, functools.partial(self._step, record.uid))
-            self._after(timing.training_seconds, functools.partial(self._finish, record.uid))
         elif record.component == Component.TRAINING.value:
             self._after(timing.training_seconds, functools.partial(self._exit, record.uid))
 
@@ -342,10 +351,13 @@ class SimTrainer:
                     )
                 )
                 record.steps_written += 1
+                record.last_step = step
             record.last_step_at = time.monotonic()
             writer = self._writer(record)
             if step < timing.total_steps:
                 self._after(timing.step_seconds, functools.partial(self._step, uid))
+            else:
+                self._after(0.0, functools.partial(self._finish, uid))
         writer.write(line)
 
     def _finish(self, uid: str) -> None:

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from kwokpods import unregister_namespace_logs, wait_for
 
 DEVCLUSTER_SCRIPT = Path(dc.__file__).resolve()
+NODE_POOL_LABEL = "devcluster.finetune.dev/pool"
 
 
 def free_port() -> int:
@@ -108,6 +110,51 @@ def delete_namespace(api: client.ApiClient, name: str, *, timeout: float = 120) 
         interval=0.5,
         description=f"the pods of namespace {name} to be deleted",
     )
+
+
+def ensure_nodes(api: client.ApiClient, pool: str, gpu_nodes: int, cpu_nodes: int) -> None:
+    """At least this many simulated A40 and CPU nodes labelled with `pool` (named <pool>-gpu-node-<i> and
+    <pool>-cpu-node-<i>), all Ready: for a run that needs more nodes than the cluster starts with."""
+    core: Any = client.CoreV1Api(api)
+    wanted = [dc.gpu_node_manifest(f"{pool}-gpu-node-{i}") for i in range(gpu_nodes)]
+    wanted += [dc.cpu_node_manifest(f"{pool}-cpu-node-{i}") for i in range(cpu_nodes)]
+    existing = {node.metadata.name for node in core.list_node(label_selector=f"{NODE_POOL_LABEL}={pool}").items}
+    missing = [node for node in wanted if node["metadata"]["name"] not in existing]
+    for node in missing:
+        node["metadata"]["labels"][NODE_POOL_LABEL] = pool
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        list(executor.map(core.create_node, missing))
+    names = {node["metadata"]["name"] for node in wanted}
+
+    def all_ready() -> bool:
+        ready = {
+            node.metadata.name
+            for node in core.list_node(label_selector=f"{NODE_POOL_LABEL}={pool}").items
+            if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+        }
+        return names <= ready
+
+    wait_for(
+        all_ready, timeout=120 + len(wanted) / 5, interval=1, description=f"{len(wanted)} nodes of pool {pool} Ready"
+    )
+
+
+def remove_nodes(api: client.ApiClient, pool: str) -> None:
+    """Delete the nodes of `ensure_nodes`; do it once no pod runs on them (kwok's Leases of them go too)."""
+    client.CoreV1Api(api).delete_collection_node(label_selector=f"{NODE_POOL_LABEL}={pool}")
+
+
+def with_audit_log(devcluster: DevCluster) -> DevCluster:
+    """The cluster, with its API server writing the audit log (restarted with it, on the same port, if needed)."""
+    if devcluster.audit_log is None:
+        run_devcluster("up", "--audit", timeout=600)
+    return replace(devcluster, audit_log=dc.Layout(dc.state_dir()).audit_log)
+
+
+def install_crds(devcluster: DevCluster) -> None:
+    """The FineTuneJob CRD as generated in crds/, Established."""
+    devcluster.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(dc.REPO_ROOT / "crds"))
+    devcluster.kubectl_run("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev")
 
 
 def run_devcluster(command: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
