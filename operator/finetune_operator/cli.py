@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
+import threading
 
 import kopf
+from kubernetes.client import CoordinationV1Api
 from prometheus_client import start_http_server
 
+from finetune_operator import metrics
+from finetune_operator.kube import load_client
+from finetune_operator.leader import LeaderElector, LeaseConfig
 from finetune_operator.settings import Settings
+
+log = logging.getLogger("finetune_operator")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     scope = run.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch only this namespace (repeat)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
-    run.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint URL")
+    run.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="where /healthz and /readyz are served")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
 
@@ -30,14 +39,50 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = Settings()
     start_http_server(settings.metrics_port)
-    import finetune_operator.handlers  # noqa: F401  (registers the handlers with kopf)
+    from finetune_operator import handlers  # registers the handlers with kopf
 
-    kopf.run(
-        standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        liveness_endpoint=args.liveness or None,
+    handlers.HEALTH.serve(args.liveness)
+    elector = _lead(settings) if settings.leader_election else None
+    handlers.HEALTH.leading = True
+    try:
+        kopf.run(
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+        )
+    finally:
+        if elector is not None:
+            elector.release()
+
+
+def _lead(settings: Settings) -> LeaderElector:
+    """Stand by until this replica holds the Lease; keep renewing it; exit at once if it is lost."""
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    elector = LeaderElector(
+        CoordinationV1Api(load_client(pool_size=2)),
+        LeaseConfig(
+            namespace=settings.leader_election_namespace,
+            name=settings.leader_election_id,
+            identity=identity,
+            lease_duration=settings.lease_duration_seconds,
+            renew_deadline=settings.renew_deadline_seconds,
+            retry_period=settings.retry_period_seconds,
+        ),
+        timeout=settings.retry_period_seconds * 2,
     )
+    log.info(
+        "%s is standing by for Lease %s/%s", identity, settings.leader_election_namespace, settings.leader_election_id
+    )
+    elector.wait_until_leading()
+    metrics.LEADER.set(1)
+
+    def lost() -> None:
+        # Another replica may lead already: this one must not write another byte. Kubernetes restarts it.
+        metrics.LEADER.set(0)
+        os._exit(1)
+
+    elector.keep_leading(on_lost=lost, stop=threading.Event())
+    return elector
 
 
 if __name__ == "__main__":

@@ -36,9 +36,12 @@ OPERATOR_RIGHTS = {
     *(("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
     *(("", "pods", verb) for verb in ("get", "list", "watch")),
     ("", "pods/log", "get"),
-    *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("create", "delete")),
+    *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("get", "create", "delete")),
     ("", "events", "create"),
 }
+LEADER_ELECTION_RIGHTS = {("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "patch")}
+# Set by the chart from leaderElection.enabled and the release namespace, not from `settings`.
+CHART_SET_SETTINGS = {"leader_election", "leader_election_namespace"}
 KOPF_CRD_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions", verb) for verb in ("list", "watch")}
 KOPF_NAMESPACE_RIGHTS = {("", "namespaces", verb) for verb in ("list", "watch")}
 
@@ -78,7 +81,7 @@ def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def rendered_env(objects: list[dict[str, Any]]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in operator_container(objects)["env"]}
+    return {item["name"]: item["value"] for item in operator_container(objects)["env"] if "value" in item}
 
 
 @pytest.fixture
@@ -101,13 +104,13 @@ def test_chart_crd_is_the_generated_crd() -> None:
 
 
 def test_values_settings_name_every_operator_setting_and_nothing_else() -> None:
-    in_model = {camel(name) for name in Settings.model_fields}
+    in_model = {camel(name) for name in Settings.model_fields if name not in CHART_SET_SETTINGS}
     in_values = set(VALUES["settings"])
     assert in_values - in_model == set(), "values.yaml settings the operator does not know"
     assert in_model - in_values == set(), "operator settings missing from values.yaml"
 
 
-@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+@pytest.mark.parametrize("name", sorted(set(Settings.model_fields) - CHART_SET_SETTINGS))
 def test_values_settings_default_to_the_operator_defaults(name: str) -> None:
     assert VALUES["settings"][camel(name)] == field_default(name)
 
@@ -136,9 +139,20 @@ def test_chart_passes_helm_lint(values: dict[str, Any]) -> None:
 @needs_helm
 def test_default_install_watches_every_namespace_with_cluster_wide_rights() -> None:
     objects = render_chart()
-    kinds = ["ServiceAccount", "Service", "Deployment", *["ClusterRole"] * 4, *["ClusterRoleBinding"] * 2]
+    kinds = [
+        "ServiceAccount",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
+        *["ClusterRole"] * 4,
+        *["ClusterRoleBinding"] * 2,
+    ]
     assert sorted(obj["kind"] for obj in objects) == sorted(kinds)
-    assert not of_kind(objects, "Role")
+    assert [role["metadata"]["name"] for role in of_kind(objects, "Role")] == ["finetune-operator-leader-election"]
+    assert rights(named(objects, "Role", "-leader-election")) == LEADER_ELECTION_RIGHTS
+    assert named(objects, "Role", "-leader-election")["metadata"]["namespace"] == "finetune-system"
     assert rights(named(objects, "ClusterRole")) == OPERATOR_RIGHTS
     assert rights(named(objects, "ClusterRole", "-discovery")) == KOPF_CRD_RIGHTS
     for suffix in ("", "-discovery"):
@@ -160,10 +174,10 @@ def test_default_install_watches_every_namespace_with_cluster_wide_rights() -> N
 @needs_helm
 def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_rights() -> None:
     objects = render_chart({"watchNamespaces": ["team-a", "team-b"]})
-    roles = of_kind(objects, "Role")
+    roles = [role for role in of_kind(objects, "Role") if role["metadata"]["name"] == "finetune-operator"]
     assert sorted(role["metadata"]["namespace"] for role in roles) == ["team-a", "team-b"]
     assert all(rights(role) == OPERATOR_RIGHTS for role in roles)
-    bindings = of_kind(objects, "RoleBinding")
+    bindings = [b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"] == "finetune-operator"]
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["subjects"][0]["namespace"] == "finetune-system"
@@ -213,11 +227,28 @@ def test_namespace_users_may_manage_finetunejobs_through_the_built_in_roles() ->
 
 
 @needs_helm
-def test_operator_runs_as_one_non_root_replica_with_a_read_only_root_filesystem() -> None:
+def test_two_replicas_elect_a_leader_and_a_drain_keeps_one_running() -> None:
     objects = render_chart()
     deployment = named(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2
+    env = rendered_env(objects)
+    assert env["FINETUNE_LEADER_ELECTION"] == "true"
+    assert env["FINETUNE_LEADER_ELECTION_NAMESPACE"] == "finetune-system"
+    pod_name = next(item for item in operator_container(objects)["env"] if item["name"] == "POD_NAME")
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    budget = named(objects, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    single = render_chart({"replicaCount": 1, "leaderElection": {"enabled": False}})
+    assert not of_kind(single, "PodDisruptionBudget")
+    assert "FINETUNE_LEADER_ELECTION" not in rendered_env(single)
+    assert not of_kind(single, "Role")
+
+
+@needs_helm
+def test_operator_runs_as_non_root_with_a_read_only_root_filesystem() -> None:
+    objects = render_chart()
+    deployment = named(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "finetune-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -236,7 +267,7 @@ def test_operator_runs_as_one_non_root_replica_with_a_read_only_root_filesystem(
 
 
 @needs_helm
-def test_liveness_probe_asks_kopf_health_endpoint_and_metrics_are_served() -> None:
+def test_liveness_probe_asks_the_operator_health_endpoint_and_metrics_are_served() -> None:
     objects = render_chart()
     container = operator_container(objects)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
@@ -256,7 +287,7 @@ def test_liveness_probe_asks_kopf_health_endpoint_and_metrics_are_served() -> No
 
 @needs_helm
 def test_rendered_settings_give_the_operator_its_own_defaults(clean_env: pytest.MonkeyPatch) -> None:
-    env = rendered_env(render_chart())
+    env = rendered_env(render_chart({"leaderElection": {"enabled": False}}))
     assert all(name.startswith("FINETUNE_") for name in env)
     assert "FINETUNE_DEFAULT_DESTINATION" not in env, "a null setting leaves the variable unset"
     for name, value in env.items():

@@ -54,7 +54,7 @@ What the operator does with the API, and nothing more (operator/finetune_operato
 No Secrets: trainer pods name them by reference, which needs no right on them.
 */}}
 {{- define "finetune-operator.rules" -}}
-# kopf watches FineTuneJobs; the reconciler reads them and deletes one whose TTL after finishing has passed.
+# kopf watches FineTuneJobs (the periodic resync lists them); the reconciler deletes one whose TTL has passed.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "delete"]
@@ -66,21 +66,22 @@ No Secrets: trainer pods name them by reference, which needs no right on them.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# The validation and training Jobs: created, suspended/resumed (patch), deleted on cancel; watched by kopf.
+# The validation and training Jobs: created (read back when the name is taken, to check its owner),
+# suspended/resumed (patch), deleted on cancel; watched by kopf, listed by the periodic resync.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Trainer pods: watched by kopf, listed and read by the reconciler, their rank-0 log followed.
+# Trainer pods: watched by kopf, listed by the periodic resync, read when a followed log ends; rank 0's log.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
-# The input ConfigMap and the headless Service of the trainer pods.
+# The input ConfigMap and the headless Service of the trainer pods (read to check their owner).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "delete"]
+  verbs: ["get", "create", "delete"]
 # Events on FineTuneJobs (the operator's and kopf's own).
 - apiGroups: [""]
   resources: ["events"]
