@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from aiohttp import web
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.kube import KubeApi, load_client
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.reconciler import Reconciler
+from finetune_operator.replicate_api.server import start_server, trainings_api
 from finetune_operator.settings import Settings
+from finetune_operator.webhooks.dispatcher import WebhookDispatcher
 from finetune_operator.workload import JOB_NAME_LABEL, MANAGED_BY_LABEL, MANAGER_NAME
 from finetune_operator.workqueue import WorkQueue
 
@@ -30,6 +33,8 @@ def _child_labels() -> Any:
 class Runtime:
     queue: WorkQueue
     followers: LogFollowers
+    webhooks: WebhookDispatcher
+    api_server: web.AppRunner | None = None
 
 
 @kopf.on.startup()
@@ -38,7 +43,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     operator_settings = Settings()
-    api = KubeApi(load_client())
+    client = load_client()
+    api = KubeApi(client)
 
     def stream_ended(stream: Stream) -> None:
         # The trainer stopped: look at the job again now rather than at the next resync.
@@ -47,20 +53,33 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     followers = LogFollowers(api, operator_settings, on_end=stream_ended)
     queue = WorkQueue(Reconciler(api, operator_settings, followers).reconcile)
     queue.start()
-    memo["runtime"] = Runtime(queue=queue, followers=followers)
+    webhooks = WebhookDispatcher(api, operator_settings)
+    await webhooks.start()
+    runtime = memo["runtime"] = Runtime(queue=queue, followers=followers, webhooks=webhooks)
+    # `finetune-operator run --api-listen HOST:PORT`: Replicate's trainings API beside the handlers.
+    if memo.get("api_listen"):
+        api_server = trainings_api(client, operator_settings, memo.get("namespaces") or ())
+        runtime.api_server = await start_server(api_server, memo["api_listen"])
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
+    if runtime.api_server is not None:
+        await runtime.api_server.cleanup()
     runtime.followers.stop_all()
     await runtime.queue.stop()
+    await runtime.webhooks.stop()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def finetunejob_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+def finetunejob_changed(
+    namespace: str | None, name: str, body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any
+) -> None:
     if namespace:
-        _runtime(memo).queue.add((namespace, name))
+        runtime = _runtime(memo)
+        runtime.queue.add((namespace, name))
+        runtime.webhooks.observe(body, deleted=type == "DELETED")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=_child_labels())

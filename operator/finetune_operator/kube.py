@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -95,6 +96,17 @@ class KubeApi:
             _ignore_missing(lambda service=service: self.core.delete_namespaced_service(service, namespace))
         for config_map in config_maps:
             _ignore_missing(lambda cm=config_map: self.core.delete_namespaced_config_map(cm, namespace))
+
+    def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded (the webhook signing key: the chart lets the operator read one name)."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as error:
+            raise LookupError(f"cannot read it ({error.status} {error.reason})") from None
+        value = (secret.data or {}).get(key)
+        if value is None:
+            raise LookupError("it has no such key")
+        return base64.b64decode(value).decode()
 
     # Events and logs
     def record_event(self, finetunejob: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

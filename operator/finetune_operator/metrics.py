@@ -10,3 +10,6 @@ PHASE_TRANSITIONS = Counter("finetune_phase_transitions_total", "FineTuneJobs en
 STATUS_PATCHES = Counter("finetune_status_patches_total", "Status patches, by writer.", ["source"])
 TRAINER_EVENTS = Counter("finetune_trainer_events_total", "Protocol events read from trainer logs.")
 LOG_STREAMS = Gauge("finetune_log_streams", "Trainer logs being followed now.")
+WEBHOOK_ATTEMPTS = Counter(
+    "finetune_webhook_attempts_total", "Webhook delivery attempts, by event and result.", ["event", "result"]
+)

@@ -33,8 +33,9 @@ from finetune_operator.workload import (
 )
 
 log = logging.getLogger(__name__)
-# The log follower owns these status fields; a reconcile never writes them back from its (older) read.
-_LOG_OWNED = frozenset(("progress", "logs", "validationSamples"))
+# The log follower and the webhook dispatcher own these status fields; a reconcile never writes them back from its
+# (older) read.
+_OWNED_ELSEWHERE = frozenset(("progress", "logs", "validationSamples", "webhook"))
 
 
 class Reconciler:
@@ -160,8 +161,8 @@ class Reconciler:
             after = after.model_copy(update={"workload": workload})
         old = _status_dict(before)
         new = _status_dict(after)
-        patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v and k not in _LOG_OWNED}
-        patch.update({k: None for k in old if k not in new and k not in _LOG_OWNED})
+        patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v and k not in _OWNED_ELSEWHERE}
+        patch.update({k: None for k in old if k not in new and k not in _OWNED_ELSEWHERE})
         if after.phase is Phase.SUCCEEDED and before.phase is not Phase.SUCCEEDED and after.progress is not None:
             patch["progress"] = {"percent": 100}
         if patch:

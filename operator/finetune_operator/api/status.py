@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from finetune_operator.api.spec import KubeModel
+from finetune_operator.api.spec import KubeModel, WebhookEvent
 from finetune_operator.protocol import ResolvedRun
 
 
@@ -106,6 +107,38 @@ class Workload(KubeModel):
     config_map: str | None = None
 
 
+class WebhookDelivery(KubeModel):
+    """One webhook message not delivered yet. Its id (the `webhook-id` header) stays the same on every attempt."""
+
+    id: str
+    event: WebhookEvent
+    target: Literal["url", "completedUrl"] = Field(description="Which of spec.webhook's URLs receives it.")
+    attempts: int = 0
+    next_attempt_at: str = Field(description="Not before this time (RFC 3339).")
+    first_attempt_at: str | None = None
+    last_error: str | None = None
+
+
+class WebhookStatus(KubeModel):
+    """Webhook delivery state: kept in the FineTuneJob, so deliveries go on after an operator restart."""
+
+    sequence: int = Field(0, description="Messages made so far; the last message's number.")
+    noticed: list[Literal["start", "completed"]] = Field(
+        default_factory=list,
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="The once-only events already turned into messages.",
+    )
+    logs_digest: str | None = Field(None, description="Digest of the logs last turned into a message.")
+    output_digest: str | None = Field(None, description="Digest of the output last turned into a message.")
+    pending: list[WebhookDelivery] = Field(default_factory=list, description="Messages to deliver, oldest first.")
+    delivered: int = Field(0, description="Messages the receiver accepted (2xx).")
+    failed: int = Field(0, description="Messages given up: refused addresses, or no success within the retry window.")
+    last_delivered: str | None = Field(None, description="Id of the last message accepted.")
+    last_intermediate_at: str | None = Field(None, description="When the last output or logs message was accepted.")
+    last_error: str | None = None
+
+
 class FineTuneJobStatus(KubeModel):
     """What the operator reports: phase, conditions, progress, the batch plan, logs, output weights."""
 
@@ -130,3 +163,5 @@ class FineTuneJobStatus(KubeModel):
     output: Output | None = None
     error: ErrorInfo | None = None
     workload: Workload | None = None
+    # Written by the webhook dispatcher (finetune_operator.webhooks) only.
+    webhook: WebhookStatus | None = None
