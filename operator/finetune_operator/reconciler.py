@@ -12,7 +12,13 @@ from pydantic import ValidationError
 
 from finetune_operator import lifecycle, metrics
 from finetune_operator.api.spec import FineTuneJobSpec
-from finetune_operator.api.status import FineTuneJobStatus, Phase, Workload
+from finetune_operator.api.status import (
+    LOG_FOLLOWER_FIELDS,
+    WEBHOOK_DISPATCHER_FIELDS,
+    FineTuneJobStatus,
+    Phase,
+    Workload,
+)
 from finetune_operator.kube import KubeApi, Obj
 from finetune_operator.lifecycle import Action, Decision, Observation
 from finetune_operator.log_follower import LogFollowers, Stream
@@ -35,7 +41,7 @@ from finetune_operator.workload import (
 log = logging.getLogger(__name__)
 # The log follower and the webhook dispatcher own these status fields; a reconcile never writes them back from its
 # (older) read.
-_OWNED_ELSEWHERE = frozenset(("progress", "logs", "validationSamples", "webhook"))
+_OWNED_ELSEWHERE = LOG_FOLLOWER_FIELDS | WEBHOOK_DISPATCHER_FIELDS
 
 
 class Reconciler:

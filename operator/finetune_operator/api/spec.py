@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
-from finetune_operator.api.inputs import TrainingInput
-from finetune_operator.api.uris import MAX_URI_LENGTH, DestinationURI, WeightsURI
+from finetune_contract.inputs import TrainingInput
+from finetune_contract.uris import MAX_URI_LENGTH, DestinationURI, WeightsURI
 
 DEFAULT_MODEL = "meta/llama-2-7b"
 DEFAULT_GPU_PRODUCT = "NVIDIA-A40"

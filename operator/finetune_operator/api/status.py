@@ -1,4 +1,18 @@
-"""FineTuneJob.status: what the operator reports back."""
+"""FineTuneJob.status: what the operator reports back, and which part of the operator writes each field.
+
+Each field has exactly one writer, so that two parts never undo each other's writes:
+
+- the state machine (`finetune_operator.lifecycle`, written by the reconciler): phase, reason, message,
+  conditions, observedGeneration, createdAt, startedAt, completedAt, gpuSeconds, restarts, resolved, error,
+  output, workload;
+- the log follower (`finetune_operator.trainer_log`, written by `finetune_operator.log_follower`): progress,
+  logs, validationSamples;
+- the webhook dispatcher (`finetune_operator.webhooks.deliveries`, written by
+  `finetune_operator.webhooks.dispatcher`): webhook.
+
+`STATE_MACHINE_FIELDS`, `LOG_FOLLOWER_FIELDS` and `WEBHOOK_DISPATCHER_FIELDS` say the same in code; a test
+checks that together they are every field, and that no writer patches a field of another.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +21,8 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
+from finetune_contract.protocol import Output, ResolvedRun
 from finetune_operator.api.spec import KubeModel, WebhookEvent
-from finetune_operator.protocol import ResolvedRun
 
 
 class Phase(StrEnum):
@@ -82,18 +96,6 @@ class ValidationSample(KubeModel):
     completion: str
 
 
-class OutputFile(KubeModel):
-    path: str
-    size: int
-    sha256: str
-
-
-class Output(KubeModel):
-    weights: str
-    files: list[OutputFile] = Field(default_factory=list)
-    metrics: dict[str, float] = Field(default_factory=dict)
-
-
 class ErrorInfo(KubeModel):
     reason: str
     message: str
@@ -163,5 +165,27 @@ class FineTuneJobStatus(KubeModel):
     output: Output | None = None
     error: ErrorInfo | None = None
     workload: Workload | None = None
-    # Written by the webhook dispatcher (finetune_operator.webhooks) only.
     webhook: WebhookStatus | None = None
+
+
+# The wire (camelCase) names of the fields each writer owns; see the module's docstring.
+STATE_MACHINE_FIELDS = frozenset(
+    (
+        "phase",
+        "reason",
+        "message",
+        "conditions",
+        "observedGeneration",
+        "createdAt",
+        "startedAt",
+        "completedAt",
+        "gpuSeconds",
+        "restarts",
+        "resolved",
+        "error",
+        "output",
+        "workload",
+    )
+)
+LOG_FOLLOWER_FIELDS = frozenset(("progress", "logs", "validationSamples"))
+WEBHOOK_DISPATCHER_FIELDS = frozenset(("webhook",))

@@ -17,7 +17,8 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from finetune_operator.api import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJobSpec, TrainingInput
+from finetune_contract.inputs import TrainingInput
+from finetune_operator.api import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJobSpec
 from finetune_operator.api.status import FineTuneJobStatus, Phase
 from finetune_operator.lifecycle import parse_timestamp
 from finetune_operator.replicate_api.training import (
