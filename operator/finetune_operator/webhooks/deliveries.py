@@ -75,15 +75,19 @@ def notice(
     if "start" not in noticed:
         noticed.append("start")
         events.append("start")
-    if "completed" not in noticed:
+    if status.phase.finished and "completed" not in noticed:
+        noticed.append("completed")
+        events.append("completed")
+    elif "completed" not in noticed:
         output = None if status.output is None else status.output.model_dump(mode="json")
-        for event, value, field in (("logs", status.logs, "logs_digest"), ("output", output, "output_digest")):
+        intermediate: tuple[tuple[WebhookEvent, Any, str], ...] = (
+            ("logs", status.logs, "logs_digest"),
+            ("output", output, "output_digest"),
+        )
+        for event, value, field in intermediate:
             if event in subscribed and value and digest(value) != getattr(state, field):
                 changes[field] = digest(value)
-                events.append(event)  # type: ignore[arg-type]
-        if status.phase.finished:
-            noticed.append("completed")
-            events.append("completed")
+                events.append(event)
     if noticed != state.noticed:
         changes["noticed"] = noticed
     pending = list(state.pending)
