@@ -72,8 +72,10 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     await runtime.webhooks.stop()
 
 
+# Async, so that it runs on the event loop that the webhook dispatcher's tasks live on (kopf runs sync handlers
+# on worker threads).
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def finetunejob_changed(
+async def finetunejob_changed(
     namespace: str | None, name: str, body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
     if namespace:

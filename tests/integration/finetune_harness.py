@@ -9,7 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,15 @@ DESTINATION = "s3://finetune-outputs"
 
 @dataclass
 class OperatorProcess:
-    """`finetune-operator run` watching one namespace."""
+    """`finetune-operator run` watching one namespace (with more `args` and `FINETUNE_*` `env` when given)."""
 
     namespace: str
     kubeconfig: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         self.metrics_port = free_port()
@@ -53,9 +55,10 @@ class OperatorProcess:
             "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
             "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
             "FINETUNE_METRICS_PORT": str(self.metrics_port),
+            **self.env,
         }
         command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
-        command += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        command += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
