@@ -122,6 +122,7 @@ def test_replicate_client_trains_polls_lists_and_cancels_with_signed_filtered_re
     assert training.model == "meta/llama-2-7b"
     assert training.version == BASE_VERSION
     given = {"train_data": TRAIN_DATA, "num_train_epochs": 1, "lora_rank": 16}
+    assert training.input is not None
     assert training.input == {**training.input, **given}
     assert training.input["lora_alpha"] == 16, "the inputs the training runs with: Replicate's defaults filled in"
     assert training.urls == {
