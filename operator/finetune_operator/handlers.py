@@ -14,13 +14,13 @@ import kopf
 from aiohttp import web
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.conventions import JOB_NAME_LABEL, MANAGED_BY_LABEL, MANAGER_NAME
 from finetune_operator.kube import KubeApi, load_client
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.replicate_api.server import start_server, trainings_api
 from finetune_operator.settings import Settings
 from finetune_operator.webhooks.dispatcher import WebhookDispatcher
-from finetune_operator.workload import JOB_NAME_LABEL, MANAGED_BY_LABEL, MANAGER_NAME
 from finetune_operator.workqueue import WorkQueue
 
 

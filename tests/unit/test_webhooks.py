@@ -18,9 +18,6 @@ from standardwebhooks import Webhook
 from finetune_contract.protocol import Output
 from finetune_operator.api.spec import WebhookSpec
 from finetune_operator.api.status import (
-    LOG_FOLLOWER_FIELDS,
-    STATE_MACHINE_FIELDS,
-    WEBHOOK_DISPATCHER_FIELDS,
     FineTuneJobStatus,
     Phase,
     WebhookStatus,
@@ -250,10 +247,3 @@ def test_a_refused_address_is_given_up_at_once() -> None:
 
 def test_times_are_written_to_the_millisecond() -> None:
     assert stamp(T0 + timedelta(microseconds=123456)) == "2026-11-29T10:00:00.123Z"
-
-
-def test_each_status_field_has_exactly_one_writer() -> None:
-    wire_names = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
-    writers = [STATE_MACHINE_FIELDS, LOG_FOLLOWER_FIELDS, WEBHOOK_DISPATCHER_FIELDS]
-    assert set().union(*writers) == wire_names
-    assert sum(len(fields) for fields in writers) == len(wire_names)

@@ -20,7 +20,6 @@ from pydantic import ValidationError
 from finetune_contract.inputs import TrainingInput
 from finetune_operator.api import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJobSpec
 from finetune_operator.api.status import FineTuneJobStatus, Phase
-from finetune_operator.lifecycle import parse_timestamp
 from finetune_operator.replicate_api.training import (
     CREATED_BY_ANNOTATION,
     DESTINATION_ANNOTATION,
@@ -33,6 +32,7 @@ from finetune_operator.replicate_api.training import (
 )
 from finetune_operator.resolution import InvalidSpec, resolve_trainer_config
 from finetune_operator.settings import Settings
+from finetune_operator.timestamps import parse_timestamp
 from finetune_operator.webhooks.addresses import url_refusal
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
