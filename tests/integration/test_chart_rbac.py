@@ -267,7 +267,11 @@ def test_operator_with_the_chart_rbac_suspends_resumes_and_cancels_a_job(
 
 
 def test_every_rendered_manifest_is_accepted_by_the_api_server(devcluster: DevCluster, namespace: str) -> None:
-    for values in ({}, {"watchNamespaces": [namespace], "settings": {"defaultDestination": "s3://bucket"}}):
+    for values in (
+        {},
+        {"watchNamespaces": [namespace], "settings": {"defaultDestination": "s3://bucket"}},
+        {"api": {"enabled": True}, "settings": {"webhookAllowedNetworks": ["10.20.0.0/16"]}},
+    ):
         manifests = render_chart_text(values, release=namespace, namespace=namespace)
         out = kubectl(devcluster, "apply", "--dry-run=server", "-f", "-", stdin=manifests)
         assert "deployment.apps/" in out

@@ -133,7 +133,12 @@ def test_image_runs_as_the_user_the_chart_requires() -> None:
 
 @needs_helm
 @pytest.mark.parametrize(
-    "values", [{}, {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}}]
+    "values",
+    [
+        {},
+        {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}},
+        {"api": {"enabled": True}},
+    ],
 )
 def test_chart_passes_helm_lint(values: dict[str, Any]) -> None:
     lint_chart(values)
