@@ -1,8 +1,9 @@
-"""`finetune-operator run`: the operator's entry point."""
+"""`finetune-operator run`: the operator's entry point; `finetune-operator api`: Replicate's trainings API alone."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ from prometheus_client import start_http_server
 from finetune_operator import metrics
 from finetune_operator.kube import load_client
 from finetune_operator.leader import LeaderElector, LeaseConfig
+from finetune_operator.replicate_api.server import serve, trainings_api
 from finetune_operator.settings import Settings
 
 log = logging.getLogger("finetune_operator")
@@ -28,7 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch only this namespace (repeat)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
     run.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="where /healthz and /readyz are served")
+    run.add_argument("--api-listen", metavar="HOST:PORT", help="also serve Replicate's trainings API here")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    api = commands.add_parser("api", help="serve Replicate's trainings API over FineTuneJobs (no operator)")
+    api.add_argument("--listen", metavar="HOST:PORT", required=True, help="address to serve on, e.g. 0.0.0.0:8000")
+    api.add_argument("-n", "--namespace", action="append", default=[], help="serve only this namespace (repeat)")
+    api.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -38,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     # kopf reports every handled watch event at INFO; ours only enqueue work, so that is noise.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = Settings()
+    if args.command == "api":
+        asyncio.run(serve(trainings_api(load_client(), settings, args.namespace), args.listen))
+        return
     start_http_server(settings.metrics_port)
     from finetune_operator import handlers  # registers the handlers with kopf
 
@@ -49,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             standalone=True,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
+            memo=kopf.Memo(api_listen=args.api_listen, namespaces=tuple(args.namespace)),
         )
     finally:
         if elector is not None:

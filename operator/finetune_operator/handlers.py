@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from aiohttp import web
 
 from finetune_operator import metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION
@@ -27,7 +28,9 @@ from finetune_operator.kube import KubeApi, load_client
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.pod_logs import PodLogs
 from finetune_operator.reconciler import Reconciler
+from finetune_operator.replicate_api.server import start_server, trainings_api
 from finetune_operator.settings import Settings
+from finetune_operator.webhooks.dispatcher import WebhookDispatcher
 from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class Runtime:
     pod_logs: PodLogs
     api: KubeApi
     resync: asyncio.Task[None]
+    webhooks: WebhookDispatcher
+    api_server: web.AppRunner | None = None
 
 
 @kopf.on.startup()
@@ -73,17 +78,26 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         # Counted when scraped: one pass over the cache, not one per watch event.
         metrics.FINETUNEJOBS.labels(phase=phase.value).set_function(_phase_count(cache, phase.value))
     resync = asyncio.create_task(_resync(api, cache, queue, operator_settings.resync_seconds), name="resync")
-    memo["runtime"] = Runtime(cache, queue, followers, pod_logs, api, resync)
+    webhooks = WebhookDispatcher(api, operator_settings)
+    await webhooks.start()
+    runtime = memo["runtime"] = Runtime(cache, queue, followers, pod_logs, api, resync, webhooks)
+    # `finetune-operator run --api-listen HOST:PORT`: Replicate's trainings API beside the handlers.
+    if memo.get("api_listen"):
+        server = trainings_api(client, operator_settings, memo.get("namespaces") or ())
+        runtime.api_server = await start_server(server, memo["api_listen"])
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
+    if runtime.api_server is not None:
+        await runtime.api_server.cleanup()
     runtime.resync.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runtime.resync
     await runtime.followers.stop_all()
     await runtime.queue.stop()
+    await runtime.webhooks.stop()
     await runtime.pod_logs.close()
 
 
@@ -91,12 +105,14 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 async def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = _runtime(memo)
     body = _body(event)
-    if event["type"] == "DELETED":
+    deleted = event["type"] == "DELETED"
+    if deleted:
         runtime.cache.remove_finetunejob(body)
     else:
         runtime.cache.upsert_finetunejob(body)
     metadata = body["metadata"]
     runtime.queue.add((metadata["namespace"], metadata["name"]))
+    runtime.webhooks.observe(body, deleted=deleted)
 
 
 @kopf.on.event("batch", "v1", "jobs")

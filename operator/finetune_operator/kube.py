@@ -7,6 +7,7 @@ resourceVersion or UID, deletes to the object's UID (delete preconditions).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -31,6 +32,7 @@ T = TypeVar("T")
 # The field manager each writer sends (it is in the request URI, so the API server's audit log tells them apart).
 STATE_MACHINE_MANAGER = MANAGER_NAME
 LOG_FOLLOWER_MANAGER = f"{MANAGER_NAME}-log"
+WEBHOOK_MANAGER = f"{MANAGER_NAME}-webhooks"
 
 
 class Conflict(Exception):
@@ -144,7 +146,17 @@ class KubeApi:
         return result
 
     def patch_log_fields(self, namespace: str, name: str, uid: str, fields: Mapping[str, Any]) -> None:
-        """Set the log follower's status fields, only on the FineTuneJob with `uid` (a JSON patch `test`)."""
+        """Set the log follower's status fields, only on the FineTuneJob with `uid`."""
+        self._patch_status_fields(namespace, name, uid, fields, LOG_FOLLOWER_MANAGER)
+
+    def patch_webhook_state(self, namespace: str, name: str, uid: str, fields: Mapping[str, Any]) -> None:
+        """Set the webhook dispatcher's status field, only on the FineTuneJob with `uid`."""
+        self._patch_status_fields(namespace, name, uid, fields, WEBHOOK_MANAGER)
+
+    def _patch_status_fields(
+        self, namespace: str, name: str, uid: str, fields: Mapping[str, Any], manager: str
+    ) -> None:
+        """A JSON patch that first tests the UID: a write for a deleted FineTuneJob never lands on a namesake."""
         operations: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": uid}]
         operations += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
         try:
@@ -158,7 +170,7 @@ class KubeApi:
                     PLURAL,
                     name,
                     operations,
-                    field_manager=LOG_FOLLOWER_MANAGER,
+                    field_manager=manager,
                     _content_type="application/json-patch+json",
                     _request_timeout=self._timeout,
                 ),
@@ -335,6 +347,21 @@ class KubeApi:
                 return None
             raise
         return _json(response)
+
+    def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded (the webhook signing key: the chart lets the operator read one name)."""
+        try:
+            secret = self._call(
+                "get",
+                "secrets",
+                lambda: self.core.read_namespaced_secret(name, namespace, _request_timeout=self._timeout),
+            )
+        except ApiException as error:
+            raise LookupError(f"cannot read it ({error.status} {error.reason})") from None
+        value = (secret.data or {}).get(key)
+        if value is None:
+            raise LookupError("it has no such key")
+        return base64.b64decode(value).decode()
 
     # --- Events ------------------------------------------------------------------------------------------
 

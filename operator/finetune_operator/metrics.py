@@ -27,3 +27,6 @@ WRITE_CONFLICTS = Counter(
 TRAINER_EVENTS = Counter("finetune_trainer_events_total", "Protocol events read from trainer logs.")
 LOG_STREAMS = Gauge("finetune_log_streams", "Trainer logs being followed now.")
 LEADER = Gauge("finetune_leader", "1 while this replica holds the leader Lease.")
+WEBHOOK_ATTEMPTS = Counter(
+    "finetune_webhook_attempts_total", "Webhook delivery attempts, by event and result.", ["event", "result"]
+)

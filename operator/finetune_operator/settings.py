@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, IPvAnyNetwork
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finetune_operator.api.spec import DEFAULT_MODEL
@@ -53,3 +53,24 @@ class Settings(BaseSettings):
     lease_duration_seconds: float = Field(15.0, gt=0, description="How long a leader's Lease lasts unrenewed.")
     renew_deadline_seconds: float = Field(10.0, gt=0, description="A leader that cannot renew this long steps down.")
     retry_period_seconds: float = Field(2.0, gt=0, description="How often candidates try to take or renew the Lease.")
+    api_owner_namespaces: dict[str, str] = Field(
+        default_factory=dict,
+        description="Replicate API: the namespace of each destination owner whose namespace has another name "
+        "(JSON object); other owners are namespaces of their own name.",
+    )
+    api_public_url: str | None = Field(
+        None,
+        description="Replicate API: its base URL as clients reach it, for the training objects' urls (in webhooks "
+        "too); API responses otherwise use the request's own.",
+    )
+    webhook_signing_secret: str = Field(
+        "finetune-webhook-signing-key",
+        min_length=1,
+        description="Name of the Secret (in each FineTuneJob's namespace) holding its webhook signing key; "
+        "the only Secret name the operator may read.",
+    )
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Webhook URLs may reach these networks (CIDRs, JSON list) besides public addresses; loopback, "
+        "link-local, private and cluster-internal addresses are refused otherwise.",
+    )

@@ -38,6 +38,12 @@ OPERATOR_RIGHTS = {
     ("", "pods/log", "get"),
     *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("get", "create", "delete")),
     ("", "events", "create"),
+    ("", "secrets", "get"),  # the webhook signing key's one name only (resourceNames)
+}
+API_RIGHTS = {("finetune.dev", "finetunejobs", "create"), ("finetune.dev", "finetunejobs", "patch")}
+API_AUTH_RIGHTS = {
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
 }
 LEADER_ELECTION_RIGHTS = {("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "patch")}
 # Set by the chart from leaderElection.enabled and the release namespace, not from `settings`.
@@ -130,7 +136,12 @@ def test_image_runs_as_the_user_the_chart_requires() -> None:
 
 @needs_helm
 @pytest.mark.parametrize(
-    "values", [{}, {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}}]
+    "values",
+    [
+        {},
+        {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}},
+        {"api": {"enabled": True}},
+    ],
 )
 def test_chart_passes_helm_lint(values: dict[str, Any]) -> None:
     lint_chart(values)
@@ -194,17 +205,62 @@ def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_rights()
 
 @needs_helm
 @pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["all-namespaces", "one-namespace"])
-def test_no_role_touches_secrets_or_uses_wildcards_or_escalation_verbs(watch: list[str]) -> None:
-    objects = render_chart({"watchNamespaces": watch})
+@pytest.mark.parametrize("api", [False, True], ids=["without-api", "with-api"])
+def test_no_role_reads_secrets_but_the_signing_key_or_uses_wildcards_or_escalation_verbs(
+    watch: list[str], api: bool
+) -> None:
+    objects = render_chart({"watchNamespaces": watch, "api": {"enabled": api}})
     roles = of_kind(objects, "ClusterRole") + of_kind(objects, "Role")
     assert roles
     for role in roles:
+        for rule in role["rules"]:
+            if "secrets" in rule["resources"]:
+                assert rule == {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "resourceNames": ["finetune-webhook-signing-key"],
+                    "verbs": ["get"],
+                }, f"{role['metadata']['name']}: Secrets other than the signing key's one name"
         for group, resource, verb in rights(role):
             where = f"{role['kind']} {role['metadata']['name']}: {group}/{resource} {verb}"
             assert "*" not in (group, resource, verb), where
-            assert resource.split("/")[0] != "secrets", where
             assert verb not in ("escalate", "bind", "impersonate"), where
             assert not resource.startswith(("roles", "clusterroles", "rolebindings", "clusterrolebindings")), where
+
+
+@needs_helm
+def test_the_signing_key_secret_the_operator_may_read_is_the_one_its_setting_names() -> None:
+    objects = render_chart({"settings": {"webhookSigningSecret": "team-webhook-key"}})
+    rules = [rule for rule in named(objects, "ClusterRole")["rules"] if "secrets" in rule["resources"]]
+    assert [rule["resourceNames"] for rule in rules] == [["team-webhook-key"]]
+    assert rendered_env(objects)["FINETUNE_WEBHOOK_SIGNING_SECRET"] == "team-webhook-key"
+
+
+@needs_helm
+def test_the_replicate_api_is_off_by_default() -> None:
+    objects = render_chart()
+    assert not [arg for arg in operator_container(objects)["args"] if arg.startswith("--api-listen")]
+    assert [service["metadata"]["name"] for service in of_kind(objects, "Service")] == ["finetune-operator-metrics"]
+    assert rights(named(objects, "ClusterRole")) == OPERATOR_RIGHTS
+    assert not [role for role in of_kind(objects, "ClusterRole") if rights(role) & API_AUTH_RIGHTS]
+
+
+@needs_helm
+@pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["all-namespaces", "one-namespace"])
+def test_the_replicate_api_gets_a_service_and_the_rights_to_review_callers_and_act_for_them(watch: list[str]) -> None:
+    objects = render_chart({"watchNamespaces": watch, "api": {"enabled": True, "port": 9000}})
+    container = operator_container(objects)
+    assert "--api-listen=0.0.0.0:9000" in container["args"]
+    assert {port["name"]: port["containerPort"] for port in container["ports"]}["api"] == 9000
+    service = named(objects, "Service", "-api")
+    assert service["spec"]["ports"] == [{"name": "api", "port": 80, "targetPort": "api", "protocol": "TCP"}]
+    assert service["spec"]["selector"] == named(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert rights(named(objects, "ClusterRole", "-api-auth")) == API_AUTH_RIGHTS
+    assert named(objects, "ClusterRoleBinding", "-api-auth")["roleRef"]["name"] == "finetune-operator-api-auth"
+    namespaced = [role for role in of_kind(objects, "Role") if role["metadata"]["name"] == "finetune-operator"]
+    operator_roles = namespaced if watch else [named(objects, "ClusterRole")]
+    assert operator_roles
+    assert all(rights(role) == OPERATOR_RIGHTS | API_RIGHTS for role in operator_roles)
 
 
 @needs_helm

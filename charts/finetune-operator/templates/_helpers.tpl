@@ -51,7 +51,8 @@ app.kubernetes.io/part-of: finetune-operator
 
 {{/*
 What the operator does with the API, and nothing more (operator/finetune_operator/kube.py and handlers.py).
-No Secrets: trainer pods name them by reference, which needs no right on them.
+Secrets: only `get` of the webhook signing key's one name; trainer pods name Secrets by reference, which needs
+no right on them.
 */}}
 {{- define "finetune-operator.rules" -}}
 # kopf watches FineTuneJobs (the periodic resync lists them); the reconciler deletes one whose TTL has passed.
@@ -86,9 +87,26 @@ No Secrets: trainer pods name them by reference, which needs no right on them.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# The webhook signing key: Secrets of this one name only (resourceNames), to sign deliveries with.
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: [{{ .Values.settings.webhookSigningSecret | quote }}]
+  verbs: ["get"]
+{{- if .Values.api.enabled }}
+# Replicate's trainings API creates FineTuneJobs and cancels them (spec.cancel) for callers that a
+# SubjectAccessReview says may do the same.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["create", "patch"]
+{{- end }}
 {{- end }}
 
 {{/* The metrics Service's name: a Service name is a DNS label, at most 63 characters with its suffix. */}}
 {{- define "finetune-operator.metricsServiceName" -}}
 {{- printf "%s-metrics" (include "finetune-operator.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The API Service's name, like the metrics Service's. */}}
+{{- define "finetune-operator.apiServiceName" -}}
+{{- printf "%s-api" (include "finetune-operator.fullname" . | trunc 59 | trimSuffix "-") }}
 {{- end }}
