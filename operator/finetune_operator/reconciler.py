@@ -34,7 +34,7 @@ from finetune_operator.workload import (
 
 log = logging.getLogger(__name__)
 # The log follower owns these status fields; a reconcile never writes them back from its (older) read.
-_LOG_OWNED = frozenset(("progress", "logs", "validationSamples"))
+_LOG_OWNED = frozenset(("progress", "logs", "validationSamples", "lossHistory"))
 
 
 class Reconciler:

@@ -10,7 +10,15 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api.status import Output, Progress, ValidationSample
+from finetune_operator.api.status import (
+    MAX_EVAL_POINTS,
+    MAX_TRAIN_POINTS,
+    LossHistory,
+    LossPoint,
+    Output,
+    Progress,
+    ValidationSample,
+)
 from finetune_operator.lifecycle import timestamp
 from finetune_operator.protocol import (
     EvalEvent,
@@ -26,6 +34,36 @@ MAX_SAMPLE_CHARS = 2000
 MAX_LINE_CHARS = 1000
 
 
+class LossCurve:
+    """One loss curve of at most `limit` points, evenly spaced by step.
+
+    A point is kept when it is `spacing` steps past the last kept one; when the curve is full, every other point
+    goes and the spacing doubles. The newest point is always shown, so the curve ends where the run is.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept: list[LossPoint] = []
+        self._newest: LossPoint | None = None
+        self._spacing = 1
+
+    def add(self, point: LossPoint) -> None:
+        if self._kept and point.step - self._kept[-1].step < self._spacing:
+            self._newest = point
+            return
+        self._kept.append(point)
+        self._newest = None
+        if len(self._kept) >= self._limit:  # one place stays free for the newest point
+            self._kept = self._kept[::2]
+            self._spacing *= 2
+            if self._kept[-1] is not point:
+                self._newest = point
+
+    @property
+    def points(self) -> list[LossPoint]:
+        return self._kept if self._newest is None else [*self._kept, self._newest]
+
+
 class TrainerLog:
     """Accumulates one trainer log stream; `changed` says whether the status needs a patch."""
 
@@ -35,6 +73,8 @@ class TrainerLog:
         self.progress = Progress()
         self.samples: list[ValidationSample] = []
         self.output: Output | None = None
+        self.train_loss = LossCurve(MAX_TRAIN_POINTS)
+        self.eval_loss = LossCurve(MAX_EVAL_POINTS)
         self.events = 0
         self.changed = False
 
@@ -68,8 +108,12 @@ class TrainerLog:
                 eta_seconds=None if event.eta_seconds is None else math.ceil(event.eta_seconds),
                 last_heartbeat=heartbeat,
             )
+            if event.loss is not None:
+                self.train_loss.add(LossPoint(step=event.step, epoch=round(event.epoch, 3), loss=round(event.loss, 4)))
         elif isinstance(event, EvalEvent):
             self._update(eval_loss=_rounded(event.eval_loss), epoch=round(event.epoch, 3), last_heartbeat=heartbeat)
+            point = LossPoint(step=self.progress.step or 0, epoch=round(event.epoch, 3), loss=round(event.eval_loss, 4))
+            self.eval_loss.add(point)
         elif isinstance(event, SampleEvent):
             sample = ValidationSample(
                 epoch=event.epoch,
@@ -102,6 +146,9 @@ class TrainerLog:
         progress = self.progress.model_dump(by_alias=True, exclude_none=True)
         if progress:
             patch["progress"] = progress
+        if self.train_loss.points or self.eval_loss.points:
+            history = LossHistory(train=self.train_loss.points, eval=self.eval_loss.points)
+            patch["lossHistory"] = history.model_dump(by_alias=True)
         if self.samples:
             patch["validationSamples"] = [sample.model_dump(by_alias=True) for sample in self.samples]
         if self.output is not None:

@@ -1,4 +1,10 @@
-"""FineTuneJob.status: what the operator reports back."""
+"""FineTuneJob.status: what the operator reports back.
+
+Each field has one writer. The state machine (`lifecycle`, applied by the reconciler) writes phase, reason,
+message, conditions, observedGeneration, the timestamps, gpuSeconds, restarts, resolved, output, error and
+workload. The log follower (`trainer_log`, written by `log_follower`) writes progress, logs, validationSamples
+and lossHistory; the reconciler never writes those back from its older read.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +49,10 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     CANCELED = "Canceled"
     SUSPENDED = "Suspended"
+    # kstatus (Flux, cli-utils, `kubectl wait`): derived from the phase by `finetune_operator.kstatus`.
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
 
 
 class Condition(KubeModel):
@@ -73,6 +83,24 @@ class Resolved(KubeModel, ResolvedRun):
     """The batch plan and data sizes the run actually uses."""
 
     model_config = ConfigDict(frozen=False, extra="forbid")
+
+
+class LossPoint(KubeModel):
+    step: int
+    epoch: float
+    loss: float
+
+
+# The curves fit in a status at most MAX_TRAIN_POINTS + MAX_EVAL_POINTS = 200 points long, whatever the run's length.
+MAX_TRAIN_POINTS = 160
+MAX_EVAL_POINTS = 40
+
+
+class LossHistory(KubeModel):
+    """The train and eval loss over the run, thinned evenly as it grows; the newest point is always there."""
+
+    train: list[LossPoint] = Field(default_factory=list, max_length=MAX_TRAIN_POINTS)
+    eval: list[LossPoint] = Field(default_factory=list, max_length=MAX_EVAL_POINTS)
 
 
 class ValidationSample(KubeModel):
@@ -126,6 +154,9 @@ class FineTuneJobStatus(KubeModel):
     progress: Progress | None = None
     resolved: Resolved | None = None
     validation_samples: list[ValidationSample] = Field(default_factory=list)
+    loss_history: LossHistory | None = Field(
+        None, description="Train and eval loss curves, downsampled to at most 200 points (the log follower's)."
+    )
     logs: str | None = Field(None, description="The last lines of the rank-0 trainer log (bounded).")
     output: Output | None = None
     error: ErrorInfo | None = None
