@@ -10,24 +10,24 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api.status import (
-    MAX_EVAL_POINTS,
-    MAX_TRAIN_POINTS,
-    LossHistory,
-    LossPoint,
-    Output,
-    Progress,
-    ValidationSample,
-)
-from finetune_operator.lifecycle import timestamp
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     EvalEvent,
+    Output,
     OutputEvent,
     ProgressEvent,
     SampleEvent,
     StartEvent,
     parse_line,
 )
+from finetune_operator.api.status import (
+    MAX_EVAL_POINTS,
+    MAX_TRAIN_POINTS,
+    LossHistory,
+    LossPoint,
+    Progress,
+    ValidationSample,
+)
+from finetune_operator.lifecycle import timestamp
 
 MAX_SAMPLES = 10
 MAX_SAMPLE_CHARS = 2000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime
 
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     EvalEvent,
     OutputEvent,
     ProgressEvent,
