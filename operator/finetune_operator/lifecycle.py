@@ -36,6 +36,7 @@ from finetune_operator.api.status import (
     Phase,
     Resolved,
 )
+from finetune_operator.kstatus import kstatus_conditions
 from finetune_operator.workload import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
 
 Manifest = Mapping[str, Any]
@@ -257,6 +258,9 @@ def _after_finish(obs: Observation) -> Decision:
         output = _rank0_output(obs.train_pods)
         if output is not None:
             status = status.model_copy(update={"output": output})
+    # A spec change after the finish is observed too, so that kstatus readers see the job settled.
+    status = status.model_copy(update={"observed_generation": obs.generation})
+    status = _with_health(status, timestamp(obs.now), obs.generation)
     return Decision(status=status, actions=actions, requeue_after=ttl.requeue_after)
 
 
@@ -289,7 +293,7 @@ def _bookkeep(obs: Observation, step: _Step) -> FineTuneJobStatus:
         progress = progress.model_copy(update={"percent": 100})
     gpu_seconds = _gpu_seconds(obs.spec, obs.train_pods, obs.now) if obs.spec is not None else 0
     restarts = _restarts(obs.train_job)
-    return previous.model_copy(
+    status = previous.model_copy(
         update={
             "phase": step.phase,
             "reason": step.reason,
@@ -307,6 +311,17 @@ def _bookkeep(obs: Observation, step: _Step) -> FineTuneJobStatus:
             "progress": progress,
         }
     )
+    return _with_health(status, now, obs.generation)
+
+
+def _with_health(status: FineTuneJobStatus, now: str, generation: int) -> FineTuneJobStatus:
+    """The status with the kstatus conditions (Ready, Reconciling, Stalled) that its phase implies."""
+    conditions = list(status.conditions)
+    for kind, (state, reason, message) in kstatus_conditions(status).items():
+        conditions = set_condition(
+            conditions, kind=kind, state=state, reason=reason, message=message, now=now, generation=generation
+        )
+    return status.model_copy(update={"conditions": conditions})
 
 
 def set_condition(
