@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from finetune_contract.training_data import InvalidTrainingData, parse_rows
 
 GOOD = '{"prompt": "a", "completion": "b"}\n'

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune_contract.training_data import DataFormat, InvalidTrainingData, Row, Rows, describe, parse_rows
-
 from finetune_contract.inputs import TrainingInput
+from finetune_contract.training_data import DataFormat, InvalidTrainingData, Row, Rows, describe, parse_rows
 from finetune_trainer import storage
 from finetune_trainer.errors import INVALID_INPUT, INVALID_TRAINING_DATA, UserError
 
