@@ -23,6 +23,7 @@ import pytest
 import yaml
 from argocd_health import argocd_health
 from finetune_harness import DESTINATION, Cluster, OperatorProcess, trainer_log_lines
+from kstatus_reader import kstatus
 from kwokpods import terminate_pod, wait_for
 from s3server import CREDENTIALS, s3_server
 from testcluster import DevCluster
@@ -163,7 +164,10 @@ def test_create_uploads_under_the_jobs_prefix_the_job_runs_and_download_checks_e
     pod = cluster.wait_pod(name, "training")
     cluster.wait_phase(name, "Running")
     cluster.logs.write(*trainer_log_lines(30))
-    cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 30, "the trainer's last step")
+    progressed = cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 30, "the last step")
+    assert [point["step"] for point in progressed["lossHistory"]["train"]] == list(range(1, 31))
+    assert progressed["lossHistory"]["eval"] == [{"step": 30, "epoch": 3.0, "loss": 1.2}]
+    assert kstatus(cluster.get(name)) == "InProgress"
     logs = ftj.run("logs", name)
     assert logs.stdout.splitlines()[-1] == trainer_log_lines(30)[-1]
     listed = ftj.run("list").stdout.splitlines()
@@ -182,6 +186,7 @@ def test_create_uploads_under_the_jobs_prefix_the_job_runs_and_download_checks_e
     cluster.wait_phase(name, "Succeeded")
     cluster.devcluster.kubectl_run("wait", f"ftj/{name}", "-n", namespace, "--for=condition=Ready", "--timeout=60s")
     assert argocd_health(cluster.get(name))[0] == "Healthy"
+    assert kstatus(cluster.get(name)) == "Current"
 
     downloaded = ftj.run("download", name, str(tmp_path / "weights"))
     for path, content in files.items():
@@ -221,6 +226,7 @@ def test_suspend_resume_cancel_and_the_exit_codes_of_watch(
     assert watched.returncode == 1
     assert 'InvalidTrainingData: train_data line 17: missing "completion"' in watched.stdout
     assert argocd_health(cluster.get(failing))[0] == "Degraded"
+    assert kstatus(cluster.get(failing)) == "Failed"
     missing = ftj.run("watch", "no-such-job", check=False)
     assert missing.returncode == 1
     assert 'finetunejob "no-such-job" not found' in missing.stderr
