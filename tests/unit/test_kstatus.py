@@ -9,8 +9,10 @@ import pytest
 from finetune_contract.inputs import TrainingInput
 from finetune_operator.api.spec import FineTuneJobSpec
 from finetune_operator.api.status import Condition, ConditionType, FineTuneJobStatus, Phase
-from finetune_operator.kstatus import kstatus_conditions
-from finetune_operator.lifecycle import Observation, decide, timestamp
+from finetune_operator.lifecycle import Observation, decide
+from finetune_operator.lifecycle.kstatus import kstatus_conditions
+from finetune_operator.naming import workload_names
+from finetune_operator.timestamps import timestamp
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
@@ -49,7 +51,14 @@ def test_the_conditions_carry_the_phase_reason_and_message() -> None:
 
 def observe(status: FineTuneJobStatus, generation: int = 1, **spec_changes: object) -> Observation:
     spec = FineTuneJobSpec(input=TrainingInput(train_data="s3://bucket/data.jsonl"), **spec_changes)
-    return Observation(spec=spec, status=status, generation=generation, created_at=timestamp(NOW), now=NOW)
+    return Observation(
+        spec=spec,
+        status=status,
+        generation=generation,
+        created_at=timestamp(NOW),
+        now=NOW,
+        names=workload_names("bot"),
+    )
 
 
 def conditions_by_type(status: FineTuneJobStatus) -> dict[ConditionType, Condition]:

@@ -55,7 +55,7 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     CANCELED = "Canceled"
     SUSPENDED = "Suspended"
-    # kstatus (Flux, cli-utils, `kubectl wait`): derived from the phase by `finetune_operator.kstatus`.
+    # kstatus (Flux, cli-utils, `kubectl wait`): derived from the phase by `finetune_operator.lifecycle.kstatus`.
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"

@@ -17,8 +17,9 @@ The reason and message of each condition are the phase's, so `kubectl wait` and 
 from __future__ import annotations
 
 from finetune_operator.api.status import ConditionType, FineTuneJobStatus, Phase
+from finetune_operator.lifecycle.conditions import set_condition
 
-# (status, reason, message) of one condition, as lifecycle.set_condition takes it.
+# (status, reason, message) of one condition, as set_condition takes it.
 ConditionState = tuple[str, str, str]
 
 
@@ -35,3 +36,13 @@ def kstatus_conditions(status: FineTuneJobStatus) -> dict[ConditionType, Conditi
         ConditionType.RECONCILING: (reconciling, reason, message),
         ConditionType.STALLED: (stalled, reason, message),
     }
+
+
+def with_kstatus_conditions(status: FineTuneJobStatus, now: str, generation: int) -> FineTuneJobStatus:
+    """The status with the kstatus conditions its phase implies."""
+    conditions = list(status.conditions)
+    for kind, (state, reason, message) in kstatus_conditions(status).items():
+        conditions = set_condition(
+            conditions, kind=kind, state=state, reason=reason, message=message, now=now, generation=generation
+        )
+    return status.model_copy(update={"conditions": conditions})
