@@ -127,6 +127,11 @@ def test_create_with_a_bad_file_names_the_line_and_uploads_and_creates_nothing(
     set_bad_value = ["--set", "input.learning_rate=-1", "--data-location", location]
     bad_value = ftj.run("create", "bad-value", "--train-data", str(data), *set_bad_value, check=False)
     assert "error: spec.input.learning_rate: Input should be greater than 0" in bad_value.stderr
+    validation = tmp_path / "eval.jsonl"
+    validation.write_text('{"text": "A row of another format."}\n')
+    both = ["--train-data", str(data), "--validation-data", str(validation), "--data-location", location]
+    mixed = ftj.run("create", "mixed", *both, check=False)
+    assert 'validation_data has {"text"} rows but train_data has {"prompt", "completion"} rows' in mixed.stderr
     assert not s3.exists(location)
     assert cluster.is_gone("bad-data")
     assert cluster.is_gone("bad-value")

@@ -122,7 +122,7 @@ def test_a_base_of_another_kind_is_refused() -> None:
 
 
 def test_uploaded_data_is_named_by_its_content_under_the_jobs_prefix() -> None:
-    data = LocalData("train_data", Path("train.jsonl"), sha256="ab" * 32, size=10, rows=1)
+    data = LocalData("train_data", Path("train.jsonl"), sha256="ab" * 32, size=10, rows=1, format="text")
     assert (
         data.uri("s3://bucket/uploads/", "team-a", "bot")
         == "s3://bucket/uploads/team-a/bot/train_data-abababababababab.jsonl"

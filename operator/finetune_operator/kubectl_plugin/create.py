@@ -18,7 +18,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from finetune_contract.training_data import InvalidTrainingData, parse_rows
+from finetune_contract.training_data import DataFormat, InvalidTrainingData, describe, parse_rows
 from finetune_operator.kubectl_plugin import objectstore
 from finetune_operator.kubectl_plugin.kubeapi import Cluster
 from finetune_operator.kubectl_plugin.manifest import build_manifest
@@ -40,6 +40,7 @@ class LocalData:
     sha256: str
     size: int
     rows: int
+    format: DataFormat
 
     def uri(self, location: str, namespace: str, name: str) -> str:
         return objectstore.join(location, namespace, name, f"{self.field}-{self.sha256[:16]}.jsonl")
@@ -72,7 +73,7 @@ def check_local_data(field: str, path: Path) -> LocalData:
         rows = parse_rows(content, field)
     except InvalidTrainingData as error:
         raise CreateError(f"{path}: {error}") from None
-    return LocalData(field, path, hashlib.sha256(content).hexdigest(), len(content), len(rows.rows))
+    return LocalData(field, path, hashlib.sha256(content).hexdigest(), len(content), len(rows.rows), rows.format)
 
 
 def data_location(cluster: Cluster, request: CreateRequest) -> str:
@@ -94,6 +95,11 @@ def data_location(cluster: Cluster, request: CreateRequest) -> str:
 def plan(cluster: Cluster, request: CreateRequest) -> tuple[dict[str, Any], list[tuple[LocalData, str]]]:
     """The manifest and the uploads it needs, after the local checks; touches nothing."""
     local = [check_local_data(field, Path(value)) for field, value in request.data.items() if not is_uri(value)]
+    if len({data.format for data in local}) > 1:
+        train, validation = local
+        raise CreateError(
+            f"validation_data has {describe(validation.format)} rows but train_data has {describe(train.format)} rows"
+        )
     uris = {field: value for field, value in request.data.items() if is_uri(value)}
     uploads: list[tuple[LocalData, str]] = []
     if local:

@@ -46,18 +46,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remote_sha256(uri: str) -> str | None:
-    """The sha256 of the object at `uri`, None when there is none."""
-    fs = filesystem(uri)
-    if not fs.exists(uri):
-        return None
-    digest = hashlib.sha256()
-    with fs.open(uri, "rb") as handle:
-        for block in iter(lambda: handle.read(BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def upload(path: Path, uri: str, advance: Progress) -> None:
     """Copy the local file to `uri`, calling `advance(bytes)` as it goes."""
     with path.open("rb") as source, filesystem(uri).open(uri, "wb") as target:
