@@ -286,7 +286,9 @@ def run_operator(
     identity = install_operator_identity(
         devcluster, namespace, workdir / f"operator-{n}.kubeconfig", token_seconds=6 * 3600
     )
-    operator = OperatorProcess(namespace, identity.kubeconfig, workdir / f"operator-{n}.log", MANY_JOBS_SETTINGS)
+    operator = OperatorProcess(
+        namespace, identity.kubeconfig, workdir / f"operator-{n}.log", env=dict(MANY_JOBS_SETTINGS)
+    )
     custom: Any = client.CustomObjectsApi(devcluster.api)
     try:
         with SimTrainer(devcluster.kubeconfig, namespace, workdir / "pod-logs", timing) as trainer:

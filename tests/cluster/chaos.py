@@ -302,7 +302,7 @@ class Replicas:
                 identity.namespace,
                 identity.kubeconfig,
                 workdir / f"operator-{index}.log",
-                {
+                env={
                     **MANY_JOBS_SETTINGS,
                     "FINETUNE_LEADER_ELECTION": "true",
                     "FINETUNE_LEADER_ELECTION_NAMESPACE": identity.namespace,
@@ -345,7 +345,7 @@ class Replicas:
 
     def kill_leader(self, rng: random.Random, restart_after: float) -> str:
         holder = self.holder()
-        names = [process.settings["POD_NAME"] for process in self.processes]
+        names = [process.env["POD_NAME"] for process in self.processes]
         if holder in names:
             victim = names.index(holder)
         else:

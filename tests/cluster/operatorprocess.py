@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from helmchart import render_chart
@@ -66,29 +66,49 @@ def process_usage(pid: int) -> ProcessUsage:
 
 @dataclass
 class OperatorProcess:
-    """`finetune-operator run` watching one namespace, with `settings` as its environment (FINETUNE_* and more)."""
+    """`finetune-operator run` watching one namespace, with more `args` and environment (`FINETUNE_*`) when given.
+
+    `base_env` (a subclass's defaults) comes first, `env` over it.
+    """
+
+    base_env: ClassVar[Mapping[str, str]] = {}
 
     namespace: str
     kubeconfig: Path
     log_path: Path
-    settings: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
-    liveness_port: int = 0
+    health_port: int = 0
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         self.metrics_port = free_port()
-        self.liveness_port = free_port()
+        self.health_port = free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "FINETUNE_METRICS_PORT": str(self.metrics_port),
-            **self.settings,
+            **self.base_env,
+            **self.env,
         }
         command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
-        command += ["--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"]
+        command += ["--liveness", f"http://127.0.0.1:{self.health_port}/healthz", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def probe(self, path: str) -> int:
+        """The HTTP status of the operator's /healthz or /readyz (0 while nothing listens)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def healthy(self) -> bool:
+        return self.probe("/healthz") == 200
 
     @property
     def pid(self) -> int:
@@ -98,15 +118,6 @@ class OperatorProcess:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-    def healthy(self) -> bool:
-        """Whether its liveness endpoint answers 200."""
-        try:
-            url = f"http://127.0.0.1:{self.liveness_port}/healthz"
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
 
     def metrics(self) -> str:
         """The Prometheus exposition the operator serves."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import operatorprocess
 import yaml
@@ -31,15 +31,15 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DESTINATION = "s3://finetune-outputs"
 
 
-# Progress is patched at once, so that tests see it without waiting out the default interval.
-TEST_SETTINGS = {"FINETUNE_DEFAULT_DESTINATION": DESTINATION, "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1"}
-
-
 @dataclass
 class OperatorProcess(operatorprocess.OperatorProcess):
-    """`finetune-operator run` watching one namespace, with the tests' settings."""
+    """`finetune-operator run` watching one namespace, with the tests' settings (and more `args` and `env`)."""
 
-    settings: Mapping[str, str] = field(default_factory=lambda: dict(TEST_SETTINGS))
+    # Progress is patched at once, so that tests see it without waiting out the default interval.
+    base_env: ClassVar[Mapping[str, str]] = {
+        "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
+        "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+    }
 
 
 class Cluster:
