@@ -4,11 +4,16 @@
 pods, Events, Services, ConfigMaps and Leases at level Metadata, and FineTuneJob status writes and Events with
 their body (level Request). From it, `operator_usage` counts for each FineTuneJob:
 
-- creates (its Jobs, ConfigMap, Service), deletes, Events, other writes (e.g. a Job's suspend);
-- status writes split by writer: a status patch that touches only the log follower's fields (progress, logs,
-  validationSamples) is a progress write, any other is a state-machine write (phase, conditions, ...);
+- creates (its Jobs, ConfigMap, Service), deletes, Events, other writes (e.g. a Job's suspend), each only when
+  the API server accepted it; refused writes (a 409 Conflict or AlreadyExists, a 404) are counted apart;
+- status writes split by writer, told by the field manager each writer sends (`fieldManager` in the request URI,
+  kube.STATE_MACHINE_MANAGER and kube.LOG_FOLLOWER_MANAGER): the log follower's are progress writes, the state
+  machine's (phase, conditions, ...) status writes, the webhook dispatcher's other writes. A write without a
+  known field manager is told by its body: one that touches only the log follower's fields (progress, logs,
+  validationSamples, ...) is a progress write;
 - no-op writes: status writes that left the status as it was, found by replaying each FineTuneJob's status
-  writes in order (JSON merge patches); an operator whose own writes cause more writes shows them here;
+  writes in order (JSON merge patches and JSON patches); an operator whose own writes cause more writes shows
+  them here;
 - reads (get, list) and watches.
 
 Requests are tied to a FineTuneJob by the object's name (the FineTuneJob, or a child named by `naming`), an Event's
@@ -21,13 +26,14 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from finetune_operator.api.status import LOG_FOLLOWER_FIELDS
 from finetune_operator.conventions import JOB_NAME_LABEL
+from finetune_operator.kube import LOG_FOLLOWER_MANAGER, STATE_MACHINE_MANAGER
 from finetune_operator.naming import workload_names
 
 Obj = dict[str, Any]
@@ -64,6 +70,8 @@ class Requests:
     other_writes: int = 0
     reads: int = 0
     watches: int = 0
+    # writes the API server refused (409 Conflict, AlreadyExists, 404, ...): not counted in the kinds above
+    refused_writes: int = 0
     # status writes that changed nothing: the status was the same before and after
     noop_status_writes: int = 0
 
@@ -163,7 +171,9 @@ def operator_usage(events: Iterable[Obj], username: str, namespace: str, finetun
             continue
         owner = attribution.of(event)
         requests = usage.per_job[owner] if owner is not None else usage.unattributed
-        if verb in READ_VERBS:
+        if verb in WRITE_VERBS and code >= 400:
+            requests.refused_writes += 1
+        elif verb in READ_VERBS:
             requests.reads += 1
         elif verb == "watch":
             requests.watches += 1
@@ -174,10 +184,13 @@ def operator_usage(events: Iterable[Obj], username: str, namespace: str, finetun
         elif verb == "create":
             requests.creates += 1
         elif resource == "finetunejobs" and subresource == "status":
-            if _progress_only(event):
+            writer = status_writer(event)
+            if writer == "progress":
                 requests.progress_writes += 1
-            else:
+            elif writer == "status":
                 requests.status_writes += 1
+            else:
+                requests.other_writes += 1
             if owner is not None:
                 status_writes[owner].append(event)
         else:
@@ -187,17 +200,36 @@ def operator_usage(events: Iterable[Obj], username: str, namespace: str, finetun
     return usage
 
 
-def _status_of(event: Obj) -> Obj | None:
-    body = event.get("requestObject")
-    if not isinstance(body, dict):
-        return None
-    status = body.get("status")
-    return status if isinstance(status, dict) else None
+def field_manager(event: Obj) -> str | None:
+    query = urllib.parse.urlsplit(event.get("requestURI", "")).query
+    managers = urllib.parse.parse_qs(query).get("fieldManager")
+    return managers[0] if managers else None
 
 
-def _progress_only(event: Obj) -> bool:
-    status = _status_of(event)
-    return status is not None and bool(status) and set(status) <= LOG_FOLLOWER_FIELDS
+def status_writer(event: Obj) -> str:
+    """ "status" (the state machine), "progress" (the log follower) or "other" (another writer of status)."""
+    manager = field_manager(event)
+    if manager == STATE_MACHINE_MANAGER:
+        return "status"
+    if manager == LOG_FOLLOWER_MANAGER:
+        return "progress"
+    if manager is not None and manager.startswith(STATE_MACHINE_MANAGER):
+        return "other"
+    fields = _status_fields(event.get("requestObject"))
+    return "progress" if fields and fields <= LOG_FOLLOWER_FIELDS else "status"
+
+
+def _status_fields(body: Any) -> set[str]:
+    """The status fields a write's body sets: a merge patch's status keys, or a JSON patch's /status/<key> paths."""
+    if isinstance(body, dict) and isinstance(body.get("status"), dict):
+        return set(body["status"])
+    if isinstance(body, list):
+        return {
+            op["path"].split("/")[2]
+            for op in body
+            if isinstance(op, dict) and str(op.get("path", "")).startswith("/status/") and op.get("op") != "test"
+        }
+    return set()
 
 
 def count_noop_writes(writes: Iterable[Obj]) -> int:
@@ -207,14 +239,37 @@ def count_noop_writes(writes: Iterable[Obj]) -> int:
     noop = 0
     for event in writes:
         code = int((event.get("responseStatus") or {}).get("code", 0))
-        patch = _status_of(event)
-        if not 200 <= code < 300 or patch is None:
+        body = event.get("requestObject")
+        if not 200 <= code < 300 or body is None:
             continue
-        after = merge_patch(status, patch) if event.get("verb") == "patch" else patch
+        if isinstance(body, list):
+            after = json_patch_status(status, body)
+        elif isinstance(body, dict) and isinstance(body.get("status"), dict):
+            after = merge_patch(status, body["status"]) if event.get("verb") == "patch" else body["status"]
+        else:
+            continue
         if after == status:
             noop += 1
         status = after
     return noop
+
+
+def json_patch_status(status: Obj, operations: list[Any]) -> Obj:
+    """RFC 6902 add / replace / remove under /status (tests are the API server's business)."""
+    result: Obj = json.loads(json.dumps(status))
+    for op in operations:
+        path = str(op.get("path", "")) if isinstance(op, dict) else ""
+        if not path.startswith("/status/") or op.get("op") not in ("add", "replace", "remove"):
+            continue
+        *parents, leaf = [part.replace("~1", "/").replace("~0", "~") for part in path.split("/")[2:]]
+        target = result
+        for part in parents:
+            target = target.setdefault(part, {})
+        if op["op"] == "remove":
+            target.pop(leaf, None)
+        else:
+            target[leaf] = op.get("value")
+    return result
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -228,13 +283,3 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
-
-
-def iter_user_agents(events: Iterable[Obj], username: str) -> Iterator[str]:
-    """The User-Agent headers `username` sent (how its writers name themselves)."""
-    seen: set[str] = set()
-    for event in events:
-        agent = event.get("userAgent", "")
-        if (event.get("user") or {}).get("username") == username and agent not in seen:
-            seen.add(agent)
-            yield agent

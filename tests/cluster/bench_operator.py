@@ -155,6 +155,7 @@ def format_table(result: BenchResult) -> str:
         ("  Events", "", per_job(total.events), str(usage.most("events"))),
         ("  deletes", "", per_job(total.deletes), str(usage.most("deletes"))),
         ("  other writes", "", per_job(total.other_writes), str(usage.most("other_writes"))),
+        ("  refused (409, 404, ...)", "", per_job(total.refused_writes), str(usage.most("refused_writes"))),
         ("  no-op status writes (echo)", "", str(total.noop_status_writes), str(usage.most("noop_status_writes"))),
         ("operator reads per job (get, list)", "", per_job(total.reads), str(usage.most("reads"))),
         ("operator watches, Lease writes (total)", "", f"{total.watches}, {usage.lease_writes}", ""),

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from auditlog import count_noop_writes, merge_patch, operator_usage, read_audit_events
+from auditlog import count_noop_writes, json_patch_status, merge_patch, operator_usage, read_audit_events
+
+from finetune_operator.kube import LOG_FOLLOWER_MANAGER, STATE_MACHINE_MANAGER
 
 OPERATOR = "system:serviceaccount:ns:finetune-operator"
 _ids = iter(range(1_000_000))
@@ -18,7 +20,7 @@ def event(
     name: str = "",
     *,
     subresource: str = "",
-    body: dict[str, Any] | None = None,
+    body: dict[str, Any] | list[dict[str, Any]] | None = None,
     user: str = OPERATOR,
     code: int = 200,
     uri: str = "",
@@ -46,12 +48,29 @@ def event(
 
 
 def status_patch(name: str, status: dict[str, Any], code: int = 200) -> dict[str, Any]:
+    """A merge patch without a field manager: told by its body."""
     return event("patch", "finetunejobs", name, subresource="status", body={"status": status}, code=code)
+
+
+def json_patch(name: str, manager: str, fields: dict[str, Any], uid: str = "u1", code: int = 200) -> dict[str, Any]:
+    """The log follower's write: a JSON patch that tests the UID, with its field manager in the URI."""
+    operations: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": uid}]
+    operations += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
+    uri = f"/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs/{name}/status?fieldManager={manager}"
+    return event("patch", "finetunejobs", name, subresource="status", body=operations, uri=uri, code=code)
+
+
+def merge_patch_of(name: str, manager: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The state machine's write: a merge patch with the resourceVersion it was computed from."""
+    body = {"metadata": {"resourceVersion": "42"}, "status": status}
+    uri = f"/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs/{name}/status?fieldManager={manager}"
+    return event("patch", "finetunejobs", name, subresource="status", body=body, uri=uri)
 
 
 def test_requests_are_counted_per_finetunejob_by_kind() -> None:
     events = [
         event("create", "configmaps", "a-input"),
+        event("create", "configmaps", "a-input", code=409),
         event("create", "jobs", "a-validate"),
         event("create", "jobs", "a-train"),
         event("create", "events", body={"involvedObject": {"kind": "FineTuneJob", "name": "a"}}),
@@ -72,6 +91,7 @@ def test_requests_are_counted_per_finetunejob_by_kind() -> None:
     usage = operator_usage(events, OPERATOR, "ns", ["a", "b"])
     a, b = usage.per_job["a"], usage.per_job["b"]
     assert (a.creates, a.events, a.status_writes, a.progress_writes, a.reads) == (3, 1, 2, 1, 3)
+    assert a.refused_writes == 1
     assert (b.reads, b.other_writes, b.deletes) == (1, 1, 1)
     assert usage.unattributed.watches == 1
     assert usage.lease_writes == 1
@@ -85,12 +105,37 @@ def test_a_status_write_that_changes_nothing_is_a_noop() -> None:
         status_patch("a", {"phase": "Running"}),  # the same phase again: an echo
         status_patch("a", {"progress": {"step": 3}}),
         status_patch("a", {"progress": {"step": 3}}),  # identical content again
-        status_patch("a", {"phase": "Succeeded"}, code=409),  # failed: changed nothing, not a write that landed
+        status_patch("a", {"phase": "Succeeded"}, code=409),  # refused: changed nothing, not a write that landed
         status_patch("a", {"message": None}),  # removing a field that is not there
     ]
     assert count_noop_writes(writes) == 3
     usage = operator_usage(writes, OPERATOR, "ns", ["a"])
     assert usage.per_job["a"].noop_status_writes == 3
+    a = usage.per_job["a"]
+    assert (a.status_writes, a.progress_writes, a.refused_writes) == (3, 2, 1)
+
+
+def test_the_field_manager_in_the_uri_names_the_writer() -> None:
+    events = [
+        merge_patch_of("a", STATE_MACHINE_MANAGER, {"phase": "Running", "progress": {"percent": 0}}),
+        json_patch("a", LOG_FOLLOWER_MANAGER, {"progress": {"step": 1}}),
+        json_patch("a", LOG_FOLLOWER_MANAGER, {"progress": {"step": 1}}),  # the same again: an echo
+        json_patch("a", f"{STATE_MACHINE_MANAGER}-webhooks", {"webhook": {"delivered": 1}}),
+    ]
+    a = operator_usage(events, OPERATOR, "ns", ["a"]).per_job["a"]
+    assert (a.status_writes, a.progress_writes, a.other_writes, a.noop_status_writes) == (1, 2, 1, 1)
+
+
+def test_a_json_patch_adds_replaces_and_removes_status_fields() -> None:
+    status = {"phase": "Running", "progress": {"step": 1}}
+    operations = [
+        {"op": "test", "path": "/metadata/uid", "value": "u1"},
+        {"op": "add", "path": "/status/progress/step", "value": 2},
+        {"op": "replace", "path": "/status/logs", "value": "x"},
+        {"op": "remove", "path": "/status/phase"},
+    ]
+    assert json_patch_status(status, operations) == {"progress": {"step": 2}, "logs": "x"}
+    assert status == {"phase": "Running", "progress": {"step": 1}}
 
 
 def test_merge_patch_merges_maps_replaces_lists_and_removes_nulls() -> None:
