@@ -42,6 +42,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -312,8 +313,8 @@ class Replicas:
             )
             for index in range(count)
         ]
-        self.takeovers: list[float] = []
-        self.kills_without_lease = 0
+        # after each kill of the leader: seconds until a replica renewed the Lease, and which
+        self.takeovers: list[tuple[float, str]] = []
         self._timers: list[threading.Timer] = []
 
     def start(self) -> None:
@@ -331,44 +332,45 @@ class Replicas:
         for process in self.processes:
             process.stop()
 
-    def holder(self) -> str | None:
+    def lease(self) -> tuple[str | None, datetime | None]:
+        """The leader Lease's holder and its last renewal (None, None while there is no Lease)."""
         try:
             lease = self._coordination.read_namespaced_lease(
                 LEASE_NAME, self.namespace, _request_timeout=API_CALL_TIMEOUT
             )
         except ApiException as error:
             if error.status == 404:
-                return None
+                return None, None
             raise
-        holder: str | None = lease.spec.holder_identity
-        return holder
+        return lease.spec.holder_identity, lease.spec.renew_time
 
     def kill_leader(self, rng: random.Random, restart_after: float) -> str:
-        holder = self.holder()
+        holder, _ = self.lease()
         names = [process.env["POD_NAME"] for process in self.processes]
         if holder in names:
             victim = names.index(holder)
         else:
-            self.kills_without_lease += 1
             running = [index for index, process in enumerate(self.processes) if process.running()] or [0]
             victim = rng.choice(running)
         process = self.processes[victim]
+        killed = datetime.now(UTC)
         process.kill()
         timer = threading.Timer(restart_after, process.start)
         timer.daemon = True
         timer.start()
         self._timers.append(timer)
-        if holder in names and len(self.processes) > 1:
-            threading.Thread(target=self._time_takeover, args=(holder,), daemon=True).start()
+        if holder in names:
+            threading.Thread(target=self._time_takeover, args=(killed,), daemon=True).start()
         return f"SIGKILL {names[victim]} (Lease holder: {holder}); it starts again in {restart_after:g}s"
 
-    def _time_takeover(self, old: str) -> None:
-        killed = time.monotonic()
-        while time.monotonic() - killed < 180:
+    def _time_takeover(self, killed: datetime) -> None:
+        """How long until a replica renews the Lease after the kill (the other one, or the killed one restarted)."""
+        started = time.monotonic()
+        while time.monotonic() - started < 300:
             with contextlib.suppress(Exception):
-                holder = self.holder()
-                if holder is not None and holder != old:
-                    self.takeovers.append(time.monotonic() - killed)
+                holder, renewed = self.lease()
+                if renewed is not None and renewed > killed:
+                    self.takeovers.append((time.monotonic() - started, str(holder)))
                     return
             time.sleep(0.5)
 
@@ -453,7 +455,7 @@ class ChaosReport:
     options: ChaosOptions
     faults: list[str]
     verdict: Verdict
-    takeovers: list[float]
+    takeovers: list[tuple[float, str]]
     finetunejobs: int
     phases: Counter[str]
 
@@ -466,7 +468,8 @@ class ChaosReport:
             f"FineTuneJobs at the end: {self.finetunejobs} ({', '.join(f'{k} {v}' for k, v in self.phases.items())})",
         ]
         if self.takeovers:
-            lines.append(f"leader takeover after a kill: {', '.join(f'{t:.1f}s' for t in self.takeovers)}")
+            restored = ", ".join(f"{seconds:.1f}s ({holder})" for seconds, holder in self.takeovers)
+            lines.append(f"a leader renewed the Lease after each kill in: {restored}")
         width = max(len(name) for name in self.verdict.counts())
         lines += [f"{name:<{width}}  {count}" for name, count in self.verdict.counts().items()]
         for name, cases in self.verdict.__dict__.items():
