@@ -19,6 +19,9 @@ class TrainerConfig(BaseModel):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1)
     job: str = Field("", description="namespace/name of the FineTuneJob, for log lines and metadata.")
+    run_uid: str = Field(
+        "", description="The FineTuneJob's UID: part of the checkpoints' fingerprint, so no other run resumes them."
+    )
 
     @property
     def world_size(self) -> int:

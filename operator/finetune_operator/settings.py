@@ -19,7 +19,7 @@ class Settings(BaseSettings):
         description="Base weights URI per model name, for specs without model.weights (JSON object).",
     )
     default_destination: str | None = Field(
-        None, description="Base URI for output weights; a job writes under <base>/<namespace>/<name>/."
+        None, description="Base URI for output weights; a job writes under <base>/<namespace>/<name>/<uid>/."
     )
     validation_cpu: str = Field("2", description="CPU of the data validation pod.")
     validation_memory: str = Field("8Gi", description="Memory of the data validation pod.")
