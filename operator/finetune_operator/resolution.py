@@ -37,6 +37,7 @@ def resolve_trainer_config(name: str, namespace: str, spec: FineTuneJobSpec, set
         nodes=spec.resources.nodes,
         gpus_per_node=spec.resources.gpus_per_node,
         job=f"{namespace}/{name}",
+        activation_checkpointing=settings.activation_checkpointing,
     )
 
 
