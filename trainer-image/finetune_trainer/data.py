@@ -156,7 +156,7 @@ def _write_row(handle: IO[bytes], row: Row) -> int:
 def stage_split(inputs: TrainingInput, directory: Path) -> StagedSplit:
     """Stream train_data (and validation_data), check every row, and write the split into `directory`.
 
-    The split is DESIGN.md's: validation rows from the tail of train_data (removed from training), or from the head
+    The split is Replicate's: validation rows from the tail of train_data (removed from training), or from the head
     of validation_data when given; none when run_validation is off. Memory stays bounded by
     num_validation_samples rows, whatever the size of the files.
     """
