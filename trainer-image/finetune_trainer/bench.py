@@ -3,7 +3,9 @@ buy, measured through the trainer itself (`build_trainer`, TRL's collator and pa
 
 Every configuration trains the same LoRA adapter on the same rows of one mixed-length data set (a long tail of
 lengths, like real instruction data), on a random Llama built in memory (no download), starting from the same
-weights. Model and data set-up, and the first steps (kernel selection, flex attention's compilation), are not timed.
+weights, for one timed epoch: every configuration sees the same real tokens (unpacked rows lose what lies past
+chunk_size; the tokens counted are the ones trained on). Model and data set-up, and a few warm-up steps before the
+epoch (kernel selection, flex attention's compilation), are not timed.
 
 FLOPs per real token: 4·N_lin + 6·N_lora + 12·L·d·T_eff. N_lin counts the matmul weights of the decoder layers and
 the LM head (not the embedding, a lookup); the frozen base costs its forward (2N) and the backward's activation
@@ -72,13 +74,12 @@ class Setup:
     median_words: float
     chunk_size: int
     micro_batch: int
-    steps: int  # timed optimizer steps per configuration (fewer when an epoch ends first)
-    warmup: int
+    warmup: int  # untimed optimizer steps before the timed epoch
 
 
-CPU_SETUP = Setup(CPU_MODEL, rows=240, median_words=40, chunk_size=256, micro_batch=8, steps=12, warmup=2)
-GPU_SETUP = Setup(LLAMA2_7B, rows=1200, median_words=300, chunk_size=2048, micro_batch=4, steps=12, warmup=3)
-TINY_SETUP = Setup(TINY_MODEL, rows=48, median_words=12, chunk_size=64, micro_batch=4, steps=2, warmup=1)
+CPU_SETUP = Setup(CPU_MODEL, rows=160, median_words=40, chunk_size=256, micro_batch=8, warmup=2)
+GPU_SETUP = Setup(LLAMA2_7B, rows=600, median_words=300, chunk_size=2048, micro_batch=4, warmup=3)
+TINY_SETUP = Setup(TINY_MODEL, rows=32, median_words=12, chunk_size=64, micro_batch=4, warmup=1)
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,10 @@ def _train_one(
             callbacks=[],
             checkpointing=plan,
         )
-        trainer.args.max_steps = setup.steps + setup.warmup
         trainer.args.save_strategy = "no"
+        trainer.args.max_steps = setup.warmup
+        trainer.train()
+        trainer.args.max_steps = -1  # then one whole epoch, timed
         tally = _Tally()
         synchronize = _synchronizer(device)
         _count_batches(trainer, tally, synchronize)
@@ -247,16 +250,15 @@ def _train_one(
         ended = time.perf_counter()
         trainer.model.unload()  # the base model again, without this configuration's adapter
         base.activation_checkpointing_disable()
-    timed = slice(setup.warmup, None)
-    seconds = ended - tally.starts[setup.warmup]
-    tokens, squared = sum(tally.tokens[timed]), sum(tally.squared[timed])
+    seconds = ended - tally.starts[0]
+    tokens, squared = sum(tally.tokens), sum(tally.squared)
     model_flops, hardware_flops = flops(setup.shape, tokens, squared, plan.checkpointed_layers)
     peak = _peak_tflops(device)
     return {
         "configuration": configuration.name,
         "attention": attention,
         "checkpointed_layers": plan.checkpointed_layers,
-        "steps": len(tally.tokens[timed]),
+        "steps": len(tally.tokens),
         "real_tokens": tokens,
         "t_eff": squared / tokens,
         "seconds": seconds,
