@@ -36,7 +36,7 @@ from typing import Any
 from finetune_contract.inputs import TrainingInput
 from finetune_contract.trainer_config import ActivationCheckpointing
 from finetune_trainer.attention import VARLEN
-from finetune_trainer.memory import ModelShape, plan_checkpointing
+from finetune_trainer.memory import ModelShape, device_memory_bytes, plan_checkpointing
 
 WORDS = ("the", "model", "learns", "to", "pack", "tokens", "into", "long", "short", "rows", "of", "data", "fast")
 # Dense bf16 tensor-core peaks (no sparsity), by device name: what MFU divides by.
@@ -216,7 +216,7 @@ def _train_one(
             "wrap_packed_sequences": configuration.wrap,
         }
     )
-    device_bytes = _device_bytes(device)
+    device_bytes = device_memory_bytes(device)
     plan = plan_checkpointing(
         setup.shape,
         device_bytes=device_bytes,
@@ -267,14 +267,6 @@ def _train_one(
         "mfu": model_flops / seconds / (peak * 1e12) if peak else None,
         "hfu": hardware_flops / seconds / (peak * 1e12) if peak else None,
     }
-
-
-def _device_bytes(device: str) -> int:
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _device_name(device: str) -> str:

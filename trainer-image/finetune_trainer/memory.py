@@ -17,6 +17,7 @@ without any checkpointing fits.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,15 @@ def estimate_bytes(
     activations = (shape.layers - checkpointed) * per_layer + checkpointed * tokens * 2 * shape.hidden
     recompute = per_layer if checkpointed else 0
     return weights + adapters + logits + activations + recompute
+
+
+def device_memory_bytes(device: str) -> int:
+    """Memory of a device ("cuda:N"), or the host's RAM for "cpu"."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def usable_bytes(device_bytes: int) -> int:

@@ -25,7 +25,13 @@ from finetune_trainer.checkpoints import CheckpointCallback, fetch_checkpoint, l
 from finetune_trainer.data import StagedSplit, read_staged, write_staged
 from finetune_trainer.errors import DESTINATION_NOT_WRITABLE, OUT_OF_MEMORY, WEIGHTS_NOT_FOUND, UserError
 from finetune_trainer.events import emit, local_rank, log, rank, world_size, write_termination_message
-from finetune_trainer.memory import NO_CHECKPOINTING, CheckpointingPlan, ModelShape, plan_checkpointing
+from finetune_trainer.memory import (
+    NO_CHECKPOINTING,
+    CheckpointingPlan,
+    ModelShape,
+    device_memory_bytes,
+    plan_checkpointing,
+)
 from finetune_trainer.model import (
     check_chunk_size,
     has_cuda,
@@ -147,15 +153,6 @@ def probe_destination(uri: str) -> None:
         ) from error
 
 
-def device_memory_bytes() -> int:
-    """Memory of this process's device: its GPU, or the host's RAM on the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(local_rank()).total_memory)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 @contextmanager
 def out_of_memory_is_user_error(inputs: TrainingInput, plan: BatchPlan) -> Iterator[None]:
     """A device out of memory fails the same way on every retry: a user error that says which input to lower."""
@@ -212,7 +209,7 @@ def _run(config: TrainerConfig, workdir: Path, plan: BatchPlan) -> TrainingRun:
     check_chunk_size(inputs, model_config)
     checkpointing = plan_checkpointing(
         ModelShape.of(model_config),
-        device_bytes=device_memory_bytes(),
+        device_bytes=device_memory_bytes(f"cuda:{local_rank()}" if has_cuda() else "cpu"),
         micro_batch=plan.per_device_batch_size,
         chunk_size=inputs.chunk_size,
         quantized=inputs.peft_method == "qlora",
