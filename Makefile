@@ -71,7 +71,7 @@ demo: cluster-up
 bench-trainer: venv
 	$(PY) -m finetune_trainer.bench
 
-# About 6 minutes on one H100-class GPU: a random Llama-2-7B-shaped model, no download.
+# A random Llama-2-7B-shaped model (no download), sized to finish within 8 minutes on one H100-class GPU.
 bench-gpu: venv
 	$(PY) -m finetune_trainer.bench --device cuda --validate-mb --output bench-gpu.json
 
