@@ -20,32 +20,132 @@ from finetune_contract.protocol import (
     StartEvent,
     parse_line,
 )
-from finetune_operator.api.status import Progress, ValidationSample
+from finetune_operator.api.status import (
+    MAX_EVAL_POINTS,
+    MAX_TRAIN_POINTS,
+    FineTuneJobStatus,
+    LossHistory,
+    LossPoint,
+    Progress,
+    ValidationSample,
+)
 from finetune_operator.timestamps import timestamp
 
 MAX_SAMPLES = 10
 MAX_SAMPLE_CHARS = 2000
 MAX_LINE_CHARS = 1000
+# Longer lines are log output, never parsed as events: an event is a few hundred bytes (a sample a few KiB).
+MAX_EVENT_CHARS = 16 * 1024
+_PROGRESS_MARK = '"event":"progress"'
+
+
+class EventBudget:
+    """At most `per_second` events parsed per second (a token bucket that holds one second's worth)."""
+
+    def __init__(self, per_second: float, now: float) -> None:
+        self._rate = per_second
+        self._tokens = per_second
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class LossCurve:
+    """One loss curve of at most `limit` points, evenly spaced by step.
+
+    A point is kept when it is `spacing` steps past the last kept one; when the curve is full, every other point
+    goes and the spacing doubles. The newest point is always shown, so the curve ends where the run is.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept: list[LossPoint] = []
+        self._newest: LossPoint | None = None
+        self._spacing = 1
+
+    def add(self, point: LossPoint) -> None:
+        if self._kept and point.step - self._kept[-1].step < self._spacing:
+            self._newest = point
+            return
+        self._kept.append(point)
+        self._newest = None
+        if len(self._kept) >= self._limit:  # one place stays free for the newest point
+            self._kept = self._kept[::2]
+            self._spacing *= 2
+            if self._kept[-1] is not point:
+                self._newest = point
+
+    @property
+    def points(self) -> list[LossPoint]:
+        return self._kept if self._newest is None else [*self._kept, self._newest]
 
 
 class TrainerLog:
-    """Accumulates one trainer log stream; `changed` says whether the status needs a patch."""
+    """Accumulates one trainer log stream; `changed` says whether the status needs a patch.
 
-    def __init__(self, tail_lines: int, tail_bytes: int) -> None:
+    Parsing is bounded: a line longer than MAX_EVENT_CHARS is not parsed, and progress events beyond the
+    budget are coalesced (the newest waits for the next token; progress is cumulative, so none is lost).
+    """
+
+    def __init__(self, tail_lines: int, tail_bytes: int, budget: EventBudget | None = None) -> None:
         self._tail: deque[str] = deque(maxlen=tail_lines)
         self._tail_bytes = tail_bytes
+        self._budget = budget
+        self._deferred: str | None = None
         self.progress = Progress()
         self.samples: list[ValidationSample] = []
+        self.train_loss = LossCurve(MAX_TRAIN_POINTS)
+        self.eval_loss = LossCurve(MAX_EVAL_POINTS)
         self.events = 0
         self.changed = False
 
-    def feed(self, line: str, now: datetime) -> None:
+    def restore(self, status: FineTuneJobStatus) -> None:
+        """Start from what an earlier follower (or operator) already wrote."""
+        if status.progress is not None:
+            self.progress = status.progress
+        if status.loss_history is not None:
+            for point in status.loss_history.train:
+                self.train_loss.add(point)
+            for point in status.loss_history.eval:
+                self.eval_loss.add(point)
+        self.samples = list(status.validation_samples)[-MAX_SAMPLES:]
+        if status.logs:
+            self._tail.extend(status.logs.split("\n"))
+
+    def feed(self, line: str, now: datetime, clock: float = 0.0) -> None:
+        """One log line; `clock` is a monotonic time for the event budget."""
         line = line.rstrip("\r\n")
         self._tail.append(line if len(line) <= MAX_LINE_CHARS else line[: MAX_LINE_CHARS - 1] + "…")
         self.changed = True
+        if len(line) > MAX_EVENT_CHARS or '"ftj"' not in line:
+            return
+        is_progress = _PROGRESS_MARK in line.replace(" ", "")
+        over_budget = self._budget is not None and not self._budget.take(clock)
+        if over_budget and is_progress:
+            self._deferred = line
+            return
+        if not is_progress:
+            self.flush(now)  # events keep their order: an eval belongs after the progress before it
+        self._parse(line, now)
+
+    def flush(self, now: datetime) -> None:
+        """Parse the newest progress event the budget held back."""
+        if self._deferred is not None:
+            line, self._deferred = self._deferred, None
+            self._parse(line, now)
+
+    def _parse(self, line: str, now: datetime) -> None:
         event = parse_line(line)
         if event is None:
             return
+        if isinstance(event, ProgressEvent):
+            self._deferred = None  # a newer progress supersedes a held one
         self.events += 1
         heartbeat = timestamp(now)
         if isinstance(event, StartEvent):
@@ -69,8 +169,12 @@ class TrainerLog:
                 eta_seconds=None if event.eta_seconds is None else math.ceil(event.eta_seconds),
                 last_heartbeat=heartbeat,
             )
+            if event.loss is not None:
+                self.train_loss.add(LossPoint(step=event.step, epoch=round(event.epoch, 3), loss=round(event.loss, 4)))
         elif isinstance(event, EvalEvent):
             self._update(eval_loss=_rounded(event.eval_loss), epoch=round(event.epoch, 3), last_heartbeat=heartbeat)
+            point = LossPoint(step=self.progress.step or 0, epoch=round(event.epoch, 3), loss=round(event.eval_loss, 4))
+            self.eval_loss.add(point)
         elif isinstance(event, SampleEvent):
             sample = ValidationSample(
                 epoch=event.epoch,
@@ -104,6 +208,9 @@ class TrainerLog:
         progress = self.progress.model_dump(by_alias=True, exclude_none=True)
         if progress:
             patch["progress"] = progress
+        if self.train_loss.points or self.eval_loss.points:
+            history = LossHistory(train=self.train_loss.points, eval=self.eval_loss.points)
+            patch["lossHistory"] = history.model_dump(by_alias=True)
         if self.samples:
             patch["validationSamples"] = [sample.model_dump(by_alias=True) for sample in self.samples]
         return patch

@@ -13,11 +13,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from testcluster import free_port
+from s3server import s3_server
 
 from finetune_trainer.tiny_model import save_tiny_llama
 
@@ -70,12 +68,7 @@ def main() -> int:
         }
         config_path = work / "input.json"
         config_path.write_text(json.dumps(config))
-        port = free_port()
-        moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-        server = subprocess.Popen([moto, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
-            wait_until_up(endpoint)
+        with s3_server() as endpoint:
             env = {
                 **os.environ,
                 "AWS_ACCESS_KEY_ID": "demo",
@@ -101,21 +94,8 @@ def main() -> int:
                 text=True,
             )
             (RECORDING / "train.log").write_text(train.stdout)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     print(f"recorded {RECORDING.relative_to(ROOT)}/validate-termination.json and train.log")
     return 0
-
-
-def wait_until_up(endpoint: str) -> None:
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("moto_server did not start")
 
 
 def create_bucket(endpoint: str) -> None:

@@ -1,114 +1,22 @@
-"""Training data: fetch the JSONL files, check every row (with line numbers), split off the validation rows.
+"""Training data: stream the JSONL files, check every row (with line numbers), stage the split as local files.
 
-A row is a JSON object, either `{"text": ...}` (trained on every token) or `{"prompt": ..., "completion": ...}`
-(trained on the completion only), with non-empty strings; one file holds one format. Other keys are ignored.
+The row rules live in the contract (`finetune_contract.training_data`), shared with `kubectl ftj create`.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 from finetune_contract.inputs import TrainingInput
+from finetune_contract.training_data import DataFormat, InvalidTrainingData, Row, RowReader, describe
 from finetune_trainer import storage
 from finetune_trainer.errors import INVALID_INPUT, INVALID_TRAINING_DATA, UserError
-
-DataFormat = Literal["text", "prompt_completion"]
-Row = dict[str, str]
-
-_FIELDS: dict[DataFormat, tuple[str, ...]] = {"text": ("text",), "prompt_completion": ("prompt", "completion")}
-
-
-@dataclass(frozen=True)
-class Rows:
-    format: DataFormat
-    rows: list[Row]
-
-
-def _bad(name: str, line: int, problem: str) -> UserError:
-    return UserError(INVALID_TRAINING_DATA, f"{name} line {line}: {problem}")
-
-
-def _row_format(name: str, line: int, row: object) -> tuple[DataFormat, Row]:
-    if not isinstance(row, dict):
-        raise _bad(name, line, f"expected a JSON object, got {type(row).__name__}")
-    if "text" in row and ("prompt" in row or "completion" in row):
-        raise _bad(name, line, 'has both "text" and "prompt"/"completion"; use one format')
-    if "text" in row:
-        kind: DataFormat = "text"
-    elif "prompt" in row or "completion" in row:
-        kind = "prompt_completion"
-    else:
-        raise _bad(name, line, 'expected "text" or "prompt" and "completion" keys')
-    for field in _FIELDS[kind]:
-        if field not in row:
-            raise _bad(name, line, f'missing "{field}"')
-        value = row[field]
-        if not isinstance(value, str):
-            raise _bad(name, line, f'"{field}" must be a string, got {type(value).__name__}')
-        if not value.strip():
-            raise _bad(name, line, f'"{field}" is empty')
-    return kind, {field: row[field] for field in _FIELDS[kind]}
-
-
-class RowReader:
-    """Checks rows one line at a time, remembering the file's format; `name` (train_data, validation_data) goes
-    into error messages."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.first: tuple[DataFormat, int] | None = None
-
-    @property
-    def format(self) -> DataFormat:
-        if self.first is None:
-            raise UserError(INVALID_TRAINING_DATA, f"{self.name}: no rows (the file is empty)")
-        return self.first[0]
-
-    def rows(self, lines: Iterable[bytes]) -> Iterator[Row]:
-        for number, raw_line in enumerate(lines, start=1):
-            row = self.row(number, raw_line)
-            if row is not None:
-                yield row
-
-    def row(self, number: int, raw_line: bytes) -> Row | None:
-        try:
-            text = raw_line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise _bad(self.name, number, f"not valid UTF-8 ({error.reason} at byte {error.start})") from error
-        if not text.strip():
-            return None
-        try:
-            value = json.loads(text)
-        except ValueError as error:
-            raise _bad(self.name, number, f"not valid JSON ({error})") from error
-        kind, row = _row_format(self.name, number, value)
-        if self.first is None:
-            self.first = (kind, number)
-        elif kind != self.first[0]:
-            raise _bad(
-                self.name,
-                number,
-                f"{_describe(kind)} row, but line {self.first[1]} is a {_describe(self.first[0])} row; "
-                "use one format per file",
-            )
-        return row
-
-
-def parse_rows(content: bytes, name: str) -> Rows:
-    """Every row of a JSONL file's content, checked."""
-    reader = RowReader(name)
-    rows = list(reader.rows(content.split(b"\n")))
-    return Rows(reader.format, rows)
-
-
-def _describe(kind: DataFormat) -> str:
-    return '{"text"}' if kind == "text" else '{"prompt", "completion"}'
 
 
 @contextmanager
@@ -154,6 +62,13 @@ def _write_row(handle: IO[bytes], row: Row) -> int:
 
 
 def stage_split(inputs: TrainingInput, directory: Path) -> StagedSplit:
+    try:
+        return _stage_split(inputs, directory)
+    except InvalidTrainingData as error:
+        raise UserError(INVALID_TRAINING_DATA, str(error)) from error
+
+
+def _stage_split(inputs: TrainingInput, directory: Path) -> StagedSplit:
     """Stream train_data (and validation_data), check every row, and write the split into `directory`.
 
     The split is Replicate's: validation rows from the tail of train_data (removed from training), or from the head
@@ -183,8 +98,8 @@ def stage_split(inputs: TrainingInput, directory: Path) -> StagedSplit:
         if validation_reader.format != kind:
             raise UserError(
                 INVALID_TRAINING_DATA,
-                f"validation_data has {_describe(validation_reader.format)} rows but train_data has "
-                f"{_describe(kind)} rows",
+                f"validation_data has {describe(validation_reader.format)} rows but train_data has "
+                f"{describe(kind)} rows",
             )
         return StagedSplit(kind, train_path, validation_path if kept else None, rows, kept)
     if count >= rows:

@@ -14,7 +14,8 @@ from typing import Any
 
 from finetune_contract.batching import plan_batches
 from finetune_contract.inputs import TrainingInput
-from finetune_trainer.data import Row, StagedSplit
+from finetune_contract.training_data import Row
+from finetune_trainer.data import StagedSplit
 
 # TRL packs (and the summary counts) within batches of this many rows: `Dataset.map`'s default batch size.
 PACK_BATCH_ROWS = 1000

@@ -6,20 +6,23 @@ Each field has exactly one writer, so that two parts never undo each other's wri
   conditions, observedGeneration, createdAt, startedAt, completedAt, gpuSeconds, restarts, resolved, error,
   output, workload;
 - the log follower (`finetune_operator.trainer_log`, written by `finetune_operator.log_follower`): progress,
-  logs, validationSamples.
+  logs, validationSamples, lossHistory;
+- the webhook dispatcher (`finetune_operator.webhooks.deliveries`, written by
+  `finetune_operator.webhooks.dispatcher`): webhook.
 
-`STATE_MACHINE_FIELDS` and `LOG_FOLLOWER_FIELDS` say the same in code; a test checks that together they are
-every field, and that neither writer patches a field of the other.
+`STATE_MACHINE_FIELDS`, `LOG_FOLLOWER_FIELDS` and `WEBHOOK_DISPATCHER_FIELDS` say the same in code; a test
+checks that together they are every field, and that no writer patches a field of another.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import ConfigDict, Field
 
 from finetune_contract.protocol import Output, ResolvedRun
-from finetune_operator.api.spec import KubeModel
+from finetune_operator.api.spec import KubeModel, WebhookEvent
 
 
 class Phase(StrEnum):
@@ -55,6 +58,10 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     CANCELED = "Canceled"
     SUSPENDED = "Suspended"
+    # kstatus (Flux, cli-utils, `kubectl wait`): derived from the phase by `finetune_operator.lifecycle.kstatus`.
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
 
 
 class Condition(KubeModel):
@@ -87,6 +94,24 @@ class Resolved(KubeModel, ResolvedRun):
     model_config = ConfigDict(frozen=False, extra="forbid")
 
 
+class LossPoint(KubeModel):
+    step: int
+    epoch: float
+    loss: float
+
+
+# The curves fit in a status at most MAX_TRAIN_POINTS + MAX_EVAL_POINTS = 200 points long, whatever the run's length.
+MAX_TRAIN_POINTS = 160
+MAX_EVAL_POINTS = 40
+
+
+class LossHistory(KubeModel):
+    """The train and eval loss over the run, thinned evenly as it grows; the newest point is always there."""
+
+    train: list[LossPoint] = Field(default_factory=list, max_length=MAX_TRAIN_POINTS)
+    eval: list[LossPoint] = Field(default_factory=list, max_length=MAX_EVAL_POINTS)
+
+
 class ValidationSample(KubeModel):
     epoch: float
     prompt: str
@@ -104,6 +129,38 @@ class Workload(KubeModel):
     job: str | None = None
     service: str | None = None
     config_map: str | None = None
+
+
+class WebhookDelivery(KubeModel):
+    """One webhook message not delivered yet. Its id (the `webhook-id` header) stays the same on every attempt."""
+
+    id: str
+    event: WebhookEvent
+    target: Literal["url", "completedUrl"] = Field(description="Which of spec.webhook's URLs receives it.")
+    attempts: int = 0
+    next_attempt_at: str = Field(description="Not before this time (RFC 3339).")
+    first_attempt_at: str | None = None
+    last_error: str | None = None
+
+
+class WebhookStatus(KubeModel):
+    """Webhook delivery state: kept in the FineTuneJob, so deliveries go on after an operator restart."""
+
+    sequence: int = Field(0, description="Messages made so far; the last message's number.")
+    noticed: list[Literal["start", "completed"]] = Field(
+        default_factory=list,
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="The once-only events already turned into messages.",
+    )
+    logs_digest: str | None = Field(None, description="Digest of the logs last turned into a message.")
+    output_digest: str | None = Field(None, description="Digest of the output last turned into a message.")
+    pending: list[WebhookDelivery] = Field(default_factory=list, description="Messages to deliver, oldest first.")
+    delivered: int = Field(0, description="Messages the receiver accepted (2xx).")
+    failed: int = Field(0, description="Messages given up: refused addresses, or no success within the retry window.")
+    last_delivered: str | None = Field(None, description="Id of the last message accepted.")
+    last_intermediate_at: str | None = Field(None, description="When the last output or logs message was accepted.")
+    last_error: str | None = None
 
 
 class FineTuneJobStatus(KubeModel):
@@ -126,10 +183,14 @@ class FineTuneJobStatus(KubeModel):
     progress: Progress | None = None
     resolved: Resolved | None = None
     validation_samples: list[ValidationSample] = Field(default_factory=list)
+    loss_history: LossHistory | None = Field(
+        None, description="Train and eval loss curves, downsampled to at most 200 points (the log follower's)."
+    )
     logs: str | None = Field(None, description="The last lines of the rank-0 trainer log (bounded).")
     output: Output | None = None
     error: ErrorInfo | None = None
     workload: Workload | None = None
+    webhook: WebhookStatus | None = None
 
 
 # The wire (camelCase) names of the fields each writer owns; see the module's docstring.
@@ -151,4 +212,5 @@ STATE_MACHINE_FIELDS = frozenset(
         "workload",
     )
 )
-LOG_FOLLOWER_FIELDS = frozenset(("progress", "logs", "validationSamples"))
+LOG_FOLLOWER_FIELDS = frozenset(("progress", "logs", "validationSamples", "lossHistory"))
+WEBHOOK_DISPATCHER_FIELDS = frozenset(("webhook",))

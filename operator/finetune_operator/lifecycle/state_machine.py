@@ -5,9 +5,10 @@ from __future__ import annotations
 from finetune_operator.api.status import FineTuneJobStatus, Phase, Workload
 from finetune_operator.lifecycle.conditions import set_condition
 from finetune_operator.lifecycle.gpu_seconds import gpu_seconds
-from finetune_operator.lifecycle.notices import retry_notices, transition_notices
+from finetune_operator.lifecycle.kstatus import with_kstatus_conditions
+from finetune_operator.lifecycle.notices import disruption_notices, retry_notices, transition_notices
 from finetune_operator.lifecycle.observation import Action, Decision, Observation
-from finetune_operator.lifecycle.observed import job_failed_pods, rank0_output
+from finetune_operator.lifecycle.observed import disrupted_pods, job_failed_pods, rank0_output, trainer_state
 from finetune_operator.lifecycle.phase import Step, evaluate
 from finetune_operator.lifecycle.resolved import batch_notices, resolve_status
 from finetune_operator.lifecycle.ttl import ttl_after_finished
@@ -15,6 +16,8 @@ from finetune_operator.timestamps import timestamp
 
 # While a job is active, look again this often even without events: gpuSeconds and timeouts move with time.
 ACTIVE_RESYNC_SECONDS = 30.0
+# gpuSeconds moves with the clock; it is written at a transition, or when it has grown by this much running time.
+GPU_SECONDS_REFRESH = 60.0
 
 
 def decide(obs: Observation) -> Decision:
@@ -24,7 +27,11 @@ def decide(obs: Observation) -> Decision:
         return _after_finish(obs)
     step = evaluate(obs)
     status = _bookkeep(obs, step)
-    notices = [*transition_notices(previous, status, step), *retry_notices(obs, previous, status)]
+    notices = [
+        *transition_notices(previous, status, step),
+        *disruption_notices(obs),
+        *retry_notices(obs, previous, status),
+    ]
     if obs.spec is not None and previous.resolved is None and status.resolved is not None:
         notices.extend(batch_notices(obs.spec, status.resolved))
     actions = step.actions
@@ -47,6 +54,9 @@ def _after_finish(obs: Observation) -> Decision:
         output = rank0_output(obs.train_pods)
         if output is not None:
             status = status.model_copy(update={"output": output})
+    # A spec changed after the finish is observed too, so that kstatus readers see the job settled.
+    status = status.model_copy(update={"observed_generation": obs.generation})
+    status = with_kstatus_conditions(status, timestamp(obs.now), obs.generation)
     return Decision(status=status, actions=actions, requeue_after=ttl.requeue_after)
 
 
@@ -65,9 +75,12 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
     if step.phase.finished and completed_at is None:
         completed_at = now
     spec = obs.spec
-    held = gpu_seconds(spec.resources.gpus_per_node, obs.train_pods, obs.now) if spec is not None else 0
-    restarts = job_failed_pods(obs.train_job)
-    return previous.model_copy(
+    if Action.RESTART_TRAINING in step.actions:
+        restarts = (previous.restarts or 0) + 1
+    else:
+        disrupted = obs.known_disruptions | disrupted_pods(obs.train_pods)
+        restarts = max(previous.restarts or 0, job_failed_pods(obs.train_job) + len(disrupted))
+    status = previous.model_copy(
         update={
             "phase": step.phase,
             "reason": step.reason,
@@ -77,14 +90,15 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
             "created_at": previous.created_at or obs.created_at,
             "started_at": started_at,
             "completed_at": completed_at,
-            "gpu_seconds": max(held, previous.gpu_seconds or 0) or previous.gpu_seconds,
-            "restarts": restarts if restarts else previous.restarts,
+            "gpu_seconds": _gpu_seconds(obs, step),
+            "restarts": restarts or previous.restarts,
             "resolved": resolve_status(spec, obs) if spec is not None else previous.resolved,
             "error": step.error or (None if step.phase is not Phase.FAILED else previous.error),
             "output": step.output or previous.output,
             "workload": _workload(obs) or previous.workload,
         }
     )
+    return with_kstatus_conditions(status, now, obs.generation)
 
 
 def _workload(obs: Observation) -> Workload | None:
@@ -94,3 +108,21 @@ def _workload(obs: Observation) -> Workload | None:
     names = obs.names
     service = names.service if obs.spec.resources.nodes > 1 else None
     return Workload(job=names.train_job, service=service, config_map=names.config_map)
+
+
+def _gpu_seconds(obs: Observation, step: Step) -> int | None:
+    """The GPU time held so far, refreshed only at a transition or after GPU_SECONDS_REFRESH of running time.
+
+    A write for every second that passed would make each reconcile write, and each write cause a reconcile.
+    """
+    previous = obs.status.gpu_seconds
+    if obs.spec is None:
+        return previous
+    gpus = obs.spec.resources.gpus_per_node
+    held = gpu_seconds(gpus, obs.train_pods, obs.now)
+    if previous is None:
+        return held or None
+    if step.phase is not obs.status.phase or step.phase.finished:
+        return max(held, previous)
+    running = sum(1 for pod in obs.train_pods if trainer_state(pod).get("running"))
+    return held if held - previous >= running * gpus * GPU_SECONDS_REFRESH else previous
