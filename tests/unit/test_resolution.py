@@ -114,7 +114,7 @@ def test_the_activation_checkpointing_setting_reaches_the_trainer_input(
     if env is not None:
         monkeypatch.setenv("FINETUNE_ACTIVATION_CHECKPOINTING", env)
     settings = Settings(model_weights=SETTINGS.model_weights, default_destination="s3://finetunes/")
-    config = resolve_trainer_config("demo", "research", make_spec(), settings)
+    config = resolve_trainer_config("demo", "research", "run-uid", make_spec(), settings)
     assert config.activation_checkpointing == expected
     assert type(config).model_validate_json(config.model_dump_json()).activation_checkpointing == expected
 
