@@ -41,9 +41,6 @@ def latest_checkpoint(destination: str) -> tuple[int, str] | None:
 
 def fetch_checkpoint(uri: str, workdir: Path) -> Path:
     """A local copy of a checkpoint (each node downloads its own; see `main_process_first` in train)."""
-    local = storage.local_path(uri)
-    if local is not None:
-        return local
     return storage.download_once(uri, workdir / "resume" / uri.rstrip("/").rsplit("/", 1)[-1])
 
 
