@@ -90,7 +90,8 @@ class SideResult:
     """One side of the comparison: N bare Jobs, or N FineTuneJobs."""
 
     makespan: float
-    # seconds from creating the FineTuneJob to seeing its training Job (empty for bare Jobs)
+    # seconds from creating the FineTuneJob to seeing its validation Job, and its training Job (empty for bare Jobs)
+    create_to_validation: list[float]
     create_to_job: list[float]
     # seconds from seeing rank 0 exit to seeing the final phase (the bare Job's Complete condition)
     exit_to_final: list[float]
@@ -140,6 +141,7 @@ def format_table(result: BenchResult) -> str:
 
     rows: list[tuple[str, str, str, str]] = [
         ("makespan (s)", f"{result.bare.makespan:.1f}", f"{result.operator.makespan:.1f}", f"{result.ratio:.2f}"),
+        ("creation -> validation Job p50 / p99 (s)", "-", spread(result.operator.create_to_validation), ""),
         ("creation -> training Job p50 / p99 (s)", "-", spread(result.operator.create_to_job), ""),
         (
             "trainer exit -> final phase p50 / p99 (s)",
@@ -209,6 +211,7 @@ def run_bare(devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Pat
         exits = {pod.job_uid: pod.ended_at for pod in pods if pod.rank0_trainer and pod.exited_with_output}
         return SideResult(
             makespan=max(job.finished_at or started for job in jobs) - started,
+            create_to_validation=[],
             create_to_job=[],
             exit_to_final=[
                 job.finished_at - exited
@@ -318,6 +321,7 @@ def run_operator(
             jobs, pods = trainer.jobs(), trainer.pods()
         operator.stop()
         training = {job.owner_name: job for job in jobs if job.component == Component.TRAINING.value}
+        validation = {job.owner_name: job for job in jobs if job.component == Component.VALIDATION.value}
         exits = {pod.job_uid: pod.ended_at for pod in pods if pod.rank0_trainer and pod.exited_with_output}
         exit_to_final = []
         for name, job in training.items():
@@ -326,6 +330,11 @@ def run_operator(
                 exit_to_final.append(phases.final_at[name] - exited)
         side = SideResult(
             makespan=max(phases.final_at.values()) - started,
+            create_to_validation=[
+                job.seen_at - created_at[name]
+                for name, job in validation.items()
+                if name is not None and name in created_at
+            ],
             create_to_job=[
                 job.seen_at - created_at[name]
                 for name, job in training.items()
