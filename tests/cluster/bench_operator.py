@@ -5,14 +5,16 @@ A40 node per job (and CPU nodes for the validation pods), created for the run an
 
 1. the floor: N bare Indexed Jobs with the training Job's pod shape (built by the operator's own
    `workload.build_train_job`, relabelled so that the operator never sees them), created directly;
-2. N FineTuneJobs, handled by `finetune-operator run` as a process of this checkout, under the Helm chart's
+2. a second floor that asks the cluster for the operator's Job and pod work (`--no-chained-floor` skips it): N bare
+   validation Jobs (`workload.build_validation_job`), each followed by its training Job once it completed;
+3. N FineTuneJobs, handled by `finetune-operator run` as a process of this checkout, under the Helm chart's
    ServiceAccount and RBAC (so that the audit log tells its requests apart).
 
 The simulated trainer (simtrainer.py) plays every pod alike on both sides: validation pods exit after a moment,
 rank-0 trainer pods print a growing log of progress events and exit 0 with an output after `--training-seconds`.
-It prints one table per N: makespan both ways and their ratio; p50/p99 from creation to the training Job and from
-the trainer's exit to the final phase; the operator's API writes per job by kind and reads per job (from the API
-server's audit log); its peak RSS, most threads and CPU seconds per job (from /proc).
+It prints one table per N: makespan of each and the ratios; p50/p99 from creation to the validation and the
+training Job and from the trainer's exit to the final phase; the operator's API writes per job by kind and reads
+per job (from the API server's audit log); its peak RSS, most threads and CPU seconds per job (from /proc).
 
     python tests/cluster/bench_operator.py                     # N = 100, 300, 1000
     python tests/cluster/bench_operator.py --sizes 20 --training-seconds 10
@@ -67,9 +69,9 @@ from testcluster import (
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.api.spec import FineTuneJobSpec
 from finetune_operator.conventions import COMPONENT_LABEL, MANAGED_BY_LABEL, Component
-from finetune_operator.resolution import Owner, resolve_run
+from finetune_operator.resolution import Owner, RunInfo, resolve_run
 from finetune_operator.settings import Settings
-from finetune_operator.workload import build_train_job
+from finetune_operator.workload import build_train_job, build_validation_job
 
 DEFAULT_SIZES = (100, 300, 1000)
 HUGE_SIZE = 5000
@@ -114,10 +116,11 @@ class BenchResult:
     usage: Usage
     cost: OperatorCost
     progress_interval: float
+    # the floor that does the operator's Job and pod work: a validation Job, then the training Job
+    chained: SideResult | None = None
 
-    @property
-    def ratio(self) -> float:
-        return self.operator.makespan / self.bare.makespan if self.bare.makespan else math.inf
+    def ratio(self, floor: SideResult) -> float:
+        return self.operator.makespan / floor.makespan if floor.makespan else math.inf
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -136,11 +139,19 @@ def format_table(result: BenchResult) -> str:
     def per_job(count: int) -> str:
         return f"{count / n:.2f}"
 
+    def ratio(floor: SideResult) -> str:
+        return f"{result.ratio(floor):.2f}"
+
     def spread(values: Sequence[float]) -> str:
         return f"{percentile(values, 0.5):.2f} / {percentile(values, 0.99):.2f}" if values else "-"
 
     rows: list[tuple[str, str, str, str]] = [
-        ("makespan (s)", f"{result.bare.makespan:.1f}", f"{result.operator.makespan:.1f}", f"{result.ratio:.2f}"),
+        ("makespan (s)", f"{result.bare.makespan:.1f}", f"{result.operator.makespan:.1f}", ratio(result.bare)),
+        *(
+            [("  floor of validation then training Jobs", f"{chained.makespan:.1f}", "", ratio(chained))]
+            if (chained := result.chained) is not None
+            else []
+        ),
         ("creation -> validation Job p50 / p99 (s)", "-", spread(result.operator.create_to_validation), ""),
         ("creation -> training Job p50 / p99 (s)", "-", spread(result.operator.create_to_job), ""),
         (
@@ -180,42 +191,68 @@ def format_table(result: BenchResult) -> str:
 
 
 def bare_training_job(namespace: str, name: str) -> dict[str, Any]:
-    """The operator's training Job for a FineTuneJob of SPEC, without owner and with the benchmark's labels."""
+    """The operator's training Job for a FineTuneJob of SIMULATED_SPEC, without owner, with the benchmark's labels."""
+    return _bare(build_train_job, namespace, name, Component.TRAINING)
+
+
+def _bare(
+    build: Callable[[RunInfo], dict[str, Any]], namespace: str, name: str, component: Component
+) -> dict[str, Any]:
     run = resolve_run(
         Owner(name=name, namespace=namespace, uid=str(uuid.uuid4()), labels={}),
         FineTuneJobSpec.model_validate(SIMULATED_SPEC),
         Settings(default_destination=SIMULATED_DESTINATION),
     )
-    job = build_train_job(run)
-    labels = {MANAGED_BY_LABEL: BENCH_MANAGER, COMPONENT_LABEL: Component.TRAINING.value}
-    job["metadata"] = {"name": name, "namespace": namespace, "labels": labels}
+    job = build(run)
+    labels = {MANAGED_BY_LABEL: BENCH_MANAGER, COMPONENT_LABEL: component.value}
+    job["metadata"] = {"name": job["metadata"]["name"], "namespace": namespace, "labels": labels}
     job["spec"]["template"]["metadata"]["labels"] = dict(labels)
     return job
 
 
-def run_bare(devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path) -> SideResult:
+def bare_validation_job(namespace: str, name: str) -> dict[str, Any]:
+    """The operator's validation Job for a FineTuneJob of SIMULATED_SPEC, like `bare_training_job`."""
+    return _bare(build_validation_job, namespace, name, Component.VALIDATION)
+
+
+def run_bare(
+    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path, *, validation_first: bool = False
+) -> SideResult:
+    """N bare training Jobs, created at once; or, `validation_first`, N validation Jobs, each followed by its
+    training Job as soon as it completed (the Job and pod work the operator asks of the cluster)."""
     namespace = create_namespace(devcluster.api, f"bench-bare-{n}-{uuid.uuid4().hex[:5]}")
     batch: Any = client.BatchV1Api(devcluster.api)
     try:
         with SimTrainer(devcluster.kubeconfig, namespace, workdir / "pod-logs", timing) as trainer:
             names = [f"bare-{i}" for i in range(n)]
+            first = bare_validation_job if validation_first else bare_training_job
             started = time.monotonic()
-            create_all(lambda name: batch.create_namespaced_job(namespace, bare_training_job(namespace, name)), names)
-
-            def finished() -> bool:
-                done = [job for job in trainer.jobs() if job.finished_at is not None]
-                return len(done) >= n
-
-            wait_for(finished, timeout=side_timeout(n, timing), interval=1, description=f"{n} bare Jobs to finish")
-            jobs, pods = trainer.jobs(), trainer.pods()
+            create_all(lambda name: batch.create_namespaced_job(namespace, first(namespace, name)), names)
+            followed: set[str] = set()
+            deadline = started + side_timeout(n, timing)
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                while True:
+                    jobs = trainer.jobs()
+                    training = [job for job in jobs if job.component == Component.TRAINING.value]
+                    if sum(job.finished_at is not None for job in training) >= n:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{n} bare training Jobs did not finish in {side_timeout(n, timing):.0f}s")
+                    for job in jobs:
+                        if job.component == Component.VALIDATION.value and job.succeeded and job.name not in followed:
+                            followed.add(job.name)
+                            name = job.name.removesuffix("-validate")
+                            pool.submit(batch.create_namespaced_job, namespace, bare_training_job(namespace, name))
+                    time.sleep(0.2)  # the floor's controller looks at its Jobs five times a second
+            pods = trainer.pods()
         exits = {pod.job_uid: pod.ended_at for pod in pods if pod.rank0_trainer and pod.exited_with_output}
         return SideResult(
-            makespan=max(job.finished_at or started for job in jobs) - started,
+            makespan=max(job.finished_at or started for job in training) - started,
             create_to_validation=[],
             create_to_job=[],
             exit_to_final=[
                 job.finished_at - exited
-                for job in jobs
+                for job in training
                 if job.finished_at is not None and (exited := exits.get(job.uid)) is not None
             ],
             failed=sum(job.succeeded is False for job in jobs),
@@ -366,13 +403,20 @@ def side_timeout(n: int, timing: TrainerTiming) -> float:
     return 180 + 3 * (timing.validation_seconds + timing.training_seconds) + 0.5 * n
 
 
-def run_size(devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path) -> BenchResult:
+def run_size(
+    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path, *, chained_floor: bool = True
+) -> BenchResult:
+    """One N: the floor (and, `chained_floor`, the floor of validation then training Jobs), then the operator."""
     ensure_nodes(devcluster.api, NODE_POOL, gpu_nodes=n, cpu_nodes=math.ceil(n / PODS_PER_CPU_NODE))
-    say(f"N = {n}: {n} bare Jobs")
+    say(f"N = {n}: {n} bare training Jobs")
     bare = run_bare(devcluster, n, timing, workdir)
+    chained = None
+    if chained_floor:
+        say(f"N = {n}: {n} bare validation Jobs, each followed by its training Job")
+        chained = run_bare(devcluster, n, timing, workdir, validation_first=True)
     say(f"N = {n}: {n} FineTuneJobs")
     side, usage, cost, interval = run_operator(devcluster, n, timing, workdir)
-    return BenchResult(n, timing, bare, side, usage, cost, interval)
+    return BenchResult(n, timing, bare, side, usage, cost, interval, chained)
 
 
 @dataclass
@@ -380,6 +424,7 @@ class Options:
     sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
     timing: TrainerTiming = field(default_factory=lambda: TrainerTiming(training_seconds=30.0))
     keep_nodes: bool = False
+    chained_floor: bool = True
     workdir: Path | None = None
 
 
@@ -391,11 +436,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--training-seconds", type=float, default=30.0)
     parser.add_argument("--step-seconds", type=float, default=1.0, help="seconds between two progress events")
     parser.add_argument("--keep-nodes", action="store_true", help="leave the benchmark's nodes in the cluster")
+    parser.add_argument(
+        "--no-chained-floor",
+        action="store_true",
+        help="skip the second floor (validation Jobs, each followed by its training Job)",
+    )
     parser.add_argument("--workdir", type=Path, help="where the operator logs and pod logs go (default: a temp dir)")
     args = parser.parse_args(argv)
     sizes = [*args.sizes, *([HUGE_SIZE] if args.huge else [])]
     timing = TrainerTiming(args.validation_seconds, args.training_seconds, args.step_seconds)
-    return Options(sizes, timing, args.keep_nodes, args.workdir)
+    return Options(sizes, timing, args.keep_nodes, not args.no_chained_floor, args.workdir)
 
 
 def run(devcluster: DevCluster, options: Options) -> list[BenchResult]:
@@ -405,7 +455,7 @@ def run(devcluster: DevCluster, options: Options) -> list[BenchResult]:
         workdir.mkdir(parents=True, exist_ok=True)
         try:
             for n in options.sizes:
-                result = run_size(devcluster, n, options.timing, workdir)
+                result = run_size(devcluster, n, options.timing, workdir, chained_floor=options.chained_floor)
                 print(format_table(result), "\n", flush=True)
                 results.append(result)
         finally:

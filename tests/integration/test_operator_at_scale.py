@@ -36,7 +36,8 @@ def audited(devcluster: DevCluster) -> Iterator[DevCluster]:
 
 
 def test_twenty_finetunejobs_cost_few_status_writes_and_none_that_echo(audited: DevCluster, tmp_path: Path) -> None:
-    result = run_size(audited, 20, TrainerTiming(validation_seconds=1.0, training_seconds=10.0), tmp_path)
+    timing = TrainerTiming(validation_seconds=1.0, training_seconds=10.0)
+    result = run_size(audited, 20, timing, tmp_path, chained_floor=False)
     print(format_table(result))
     assert (result.bare.failed, result.operator.failed) == (0, 0)
     usage = result.usage
