@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -262,11 +263,34 @@ def judge(
     verdict.frozen_progress += progress_behind(pods, jobs, finetunejobs)
 
     for source, text in log_texts.items():
-        lines = text.splitlines()
-        for number, line in enumerate(lines):
-            if TRACEBACK in line:
-                verdict.unhandled_exceptions.append(f"{source}:{number + 1}: {' | '.join(lines[number : number + 4])}")
+        verdict.unhandled_exceptions += traceback_cases(source, text)
     return verdict
+
+
+CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
+def traceback_cases(source: str, text: str) -> list[str]:
+    """One line per traceback in a log (a chain of exceptions is one): where, the record that logged it, and the
+    exception it ended with."""
+    lines = text.splitlines()
+    cases = []
+    for number, line in enumerate(lines):
+        if not line.startswith(TRACEBACK):
+            continue
+        before = next((lines[i] for i in range(number - 1, -1, -1) if lines[i].strip()), "")
+        if before.startswith(CHAINED):
+            continue
+        record = before.strip()
+        last = ""
+        for following in lines[number + 1 :]:
+            if following[:1].isdigit() and not following.startswith(" "):  # the next timestamped record
+                break
+            if EXCEPTION_LINE.match(following):
+                last = following.strip()
+        cases.append(f"{source}:{number + 1}: {record[:160]} -> {last[:200]}")
+    return cases
 
 
 def progress_behind(pods: Sequence[PodRecord], jobs: Sequence[JobRecord], finetunejobs: Sequence[Obj]) -> list[str]:

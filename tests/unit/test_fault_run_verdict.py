@@ -116,9 +116,28 @@ def test_progress_behind_the_trainers_last_step_at_the_end_is_frozen() -> None:
     assert verdict_counts([rank0(last_step=20)], [job()], [finetunejob(step=17)]) == {"frozen progress": 1}
 
 
-def test_a_traceback_in_an_operator_log_is_an_unhandled_exception() -> None:
-    log = "INFO ok\nTraceback (most recent call last):\n  File x\nKeyError: 'uid'\n"
-    assert verdict_counts([], [], [], logs={"operator-0.log": log}) == {"unhandled exceptions": 1}
+def test_a_traceback_in_an_operator_log_is_an_unhandled_exception_and_a_chain_is_one() -> None:
+    log = "\n".join(
+        [
+            "2026-01-01 00:00:00,000 INFO ok",
+            "2026-01-01 00:00:01,000 ERROR reconcile of ns/a failed",
+            "Traceback (most recent call last):",
+            '  File "x.py", line 1, in f',
+            "ConnectionRefusedError: [Errno 111] Connection refused",
+            "",
+            "During handling of the above exception, another exception occurred:",
+            "",
+            "Traceback (most recent call last):",
+            '  File "y.py", line 2, in g',
+            "urllib3.exceptions.MaxRetryError: HTTPSConnectionPool(host='127.0.0.1'): Max retries exceeded",
+            "2026-01-01 00:00:02,000 INFO next",
+        ]
+    )
+    verdict = judge([], [], finetunejobs=[], deleted_uids=set(), frozen=[], log_texts={"operator-0.log": log})
+    assert verdict.unhandled_exceptions == [
+        "operator-0.log:3: 2026-01-01 00:00:01,000 ERROR reconcile of ns/a failed -> "
+        "urllib3.exceptions.MaxRetryError: HTTPSConnectionPool(host='127.0.0.1'): Max retries exceeded"
+    ]
 
 
 def test_the_fault_schedule_is_the_plan_at_seeded_moments_in_the_window() -> None:
