@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+from conftest import make_spec
 
 from finetune_contract.protocol import EXIT_USER_ERROR
 from finetune_operator.api import FineTuneJobSpec
@@ -40,10 +41,6 @@ DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 def run_of(spec: FineTuneJobSpec, owner: Owner = OWNER, settings: Settings = SETTINGS) -> RunInfo:
     return resolve_run(owner, spec, settings)
-
-
-def make_spec(**fields: Any) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({"input": {"train_data": "https://data.example/train.jsonl"}, **fields})
 
 
 def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
