@@ -32,13 +32,15 @@ lint: venv
 	$(VENV)/bin/ruff check contract operator trainer-image tests plugins
 	$(VENV)/bin/ruff format --check contract operator trainer-image tests plugins
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests/conftest.py
 	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/unit
 	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/trainer
 	MYPYPATH=tests/cluster:tests/integration $(VENV)/bin/mypy --explicit-package-bases tests/cluster tests/integration
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint operator/Dockerfile trainer-image/Dockerfile
 
-unit: venv
+# The chart's tests render it with the helm that cluster-binaries builds.
+unit: venv cluster-binaries
 	$(VENV)/bin/pytest -q tests/unit
 
 trainer-tests: venv

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from finetune_harness import DESTINATION, Cluster, OperatorProcess, install_crd, trainer_log_lines
-from helmchart import helm_binary, render_chart, render_chart_text
+from helmchart import render_chart, render_chart_text
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
@@ -43,10 +43,7 @@ from finetune_contract.protocol import (
     termination_message,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(helm_binary() is None, reason="no helm binary: run `make cluster-binaries`"),
-]
+pytestmark = pytest.mark.integration
 
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 TOTAL_STEPS = 6

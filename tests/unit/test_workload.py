@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_spec
 
+from conftest import make_spec
 from finetune_contract.protocol import EXIT_USER_ERROR
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.conventions import (
@@ -36,6 +40,7 @@ SETTINGS = Settings(
     master_port=29500,
 )
 OWNER = Owner(name="llama-demo", namespace="research", uid="5f2c9e4e-uid", labels={})
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -94,8 +99,29 @@ def test_single_node_job_runs_torchrun_locally_without_a_service() -> None:
     }
 
 
-def test_training_pods_run_the_trainer_launcher_which_starts_torchrun_itself() -> None:
-    assert TRAINER_ARGV == ("finetune-trainer", "train", "--input", "/etc/finetune/input.json")
+@pytest.mark.parametrize(
+    ("build", "command"), [(build_train_job, "train"), (build_validation_job, "validate")], ids=["train", "validate"]
+)
+def test_trainer_pods_run_the_trainer_images_command_on_the_mounted_input(
+    build: Callable[[RunInfo], dict[str, Any]], command: str
+) -> None:
+    from finetune_trainer.cli import parser
+
+    run = run_of(make_spec())
+    job = build(run)
+    argv = trainer(job)["command"]
+    # The program is the trainer distribution's console script, the image's entrypoint.
+    scripts = tomllib.loads((REPO_ROOT / "trainer-image" / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[argv[0]] == "finetune_trainer.cli:main"
+    dockerfile = (REPO_ROOT / "trainer-image" / "Dockerfile").read_text()
+    assert f"ENTRYPOINT {json.dumps([argv[0]])}" in dockerfile
+    # The trainer's own parser reads the arguments as the command, with its input where the ConfigMap is mounted.
+    parsed = parser().parse_args(argv[1:])
+    assert parsed.command == command
+    [mount] = [m for m in trainer(job)["volumeMounts"] if m["name"] == "input"]
+    [volume] = [v for v in pod_spec(job)["volumes"] if v["name"] == "input"]
+    assert volume["configMap"]["name"] == run.names.config_map
+    assert parsed.input == posixpath.join(mount["mountPath"], *build_config_map(run)["data"])
 
 
 def test_two_node_job_wires_torchrun_through_headless_service() -> None:
