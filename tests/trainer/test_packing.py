@@ -4,35 +4,28 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
 
+from conftest import (
+    build_tiny_trainer,
+    events_in,
+    learnable_rows,
+    run_cli,
+    text_rows,
+    trainer_config,
+    write_config,
+    write_jsonl,
+)
 from finetune_contract.protocol import OutputEvent, ProgressEvent
-from finetune_contract.trainer_config import TrainerConfig
 
 pytestmark = pytest.mark.trainer
-
-
-def _trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], **inputs: Any) -> Any:
-    from finetune_contract.training_data import DataFormat
-    from finetune_trainer.data import Split
-    from finetune_trainer.model import load_base_model, load_tokenizer
-    from finetune_trainer.train import build_trainer
-
-    config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out", **inputs))
-    kind: DataFormat = "text" if "text" in rows[0] else "prompt_completion"
-    model = load_base_model(tiny_model_dir, config.input, 0)
-    return build_trainer(
-        config.input, Split(kind, rows, []), model, load_tokenizer(tiny_model_dir), output_dir=tmp_path, callbacks=[]
-    )
 
 
 def test_packed_examples_give_the_same_logits_as_each_example_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    trainer = _trainer(tiny_model_dir, tmp_path, learnable_rows(16), pack_sequences=True, chunk_size=64)
+    trainer = build_tiny_trainer(tiny_model_dir, tmp_path, learnable_rows(16), pack_sequences=True, chunk_size=64)
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     assert input_ids.shape[0] == 1
@@ -53,7 +46,7 @@ def test_packed_examples_give_the_same_logits_as_each_example_alone(tiny_model_d
 
 def test_wrapped_packing_yields_constant_length_sequences(tiny_model_dir: Path, tmp_path: Path) -> None:
     chunk = 32
-    trainer = _trainer(
+    trainer = build_tiny_trainer(
         tiny_model_dir, tmp_path, text_rows(24), pack_sequences=True, wrap_packed_sequences=True, chunk_size=chunk
     )
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]

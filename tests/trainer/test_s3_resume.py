@@ -8,28 +8,17 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
-from s3server import S3ServerFailed, s3_server
 
+from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
 from finetune_contract.protocol import CheckpointEvent, OutputEvent, ProgressEvent, StartEvent, parse_line
 
 pytestmark = pytest.mark.trainer
 
 BUCKET = "finetunes"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    try:
-        with s3_server() as endpoint:
-            yield endpoint
-    except S3ServerFailed as error:
-        pytest.fail(str(error))
 
 
 @pytest.fixture

@@ -65,8 +65,17 @@ def read_bytes(uri: str) -> bytes:
     path = local_path(uri)
     if path is not None:
         return path.read_bytes()
-    with filesystem(uri).open(uri, "rb") as handle:
-        data: bytes = handle.read()
+    try:
+        with filesystem(uri).open(uri, "rb") as handle:
+            data: bytes = handle.read()
+    except FileNotFoundError as error:
+        # fsspec's https filesystem reports any failure to read a file (TLS, DNS, 403) as not found.
+        cause, status = error.__cause__, getattr(error.__cause__, "status", None)
+        if status in (401, 403):
+            raise PermissionError(f"{uri}: HTTP {status}") from cause
+        if cause is not None and not isinstance(cause, FileNotFoundError) and status != 404:
+            raise ConnectionError(f"cannot read {uri}: {cause}") from cause
+        raise
     return data
 
 
