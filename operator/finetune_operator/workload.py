@@ -94,6 +94,7 @@ def build_validation_job(run: RunInfo) -> Manifest:
         "metadata": _metadata(run.owner, run.names.validation_job, Component.VALIDATION),
         "spec": {
             "backoffLimit": VALIDATION_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": settings.validation_deadline_seconds,
             "podFailurePolicy": {"rules": [_fail_on_user_error()]},
             "template": {
                 "metadata": {"labels": child_labels(run.owner.name, Component.VALIDATION)},
@@ -142,7 +143,7 @@ def build_train_job(run: RunInfo) -> Manifest:
         container,
         storage.volumes,
         **({"subdomain": run.names.service} if resources.nodes > 1 else {}),
-        **_gpu_placement(resources),
+        **_gpu_placement(resources, run.settings.lost_node_seconds),
     )
     kueue_labels = {} if run.kueue_queue is None else {KUEUE_QUEUE_LABEL: run.kueue_queue}
     job_spec: Manifest = {
@@ -221,7 +222,15 @@ def _ignore_disruptions() -> Manifest:
 # --- GPU placement -------------------------------------------------------------------------------------
 
 
-def _gpu_placement(resources: Resources) -> Manifest:
+def _lost_node_tolerations(seconds: int) -> list[Manifest]:
+    """A pod on a node that stops reporting is evicted after `seconds` (not the default five minutes)."""
+    return [
+        {"key": taint, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+        for taint in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+    ]
+
+
+def _gpu_placement(resources: Resources, lost_node_seconds: int) -> Manifest:
     placement: Manifest = {
         "nodeSelector": {
             GPU_PRODUCT_LABEL: resources.gpu_product,
@@ -229,6 +238,7 @@ def _gpu_placement(resources: Resources) -> Manifest:
         },
         "tolerations": [
             {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+            *_lost_node_tolerations(lost_node_seconds),
             *(toleration.model_dump(exclude_none=True) for toleration in resources.tolerations),
         ],
     }

@@ -204,3 +204,21 @@ def test_two_replicas_one_leads_the_standby_writes_nothing_and_takes_over_after_
         for replica in replicas.values():
             replica.stop()
             sys.stdout.write(f"\n--- {replica.log_path.name} ---\n{replica.log_path.read_text()[-3000:]}\n")
+
+
+def test_pods_a_quota_forbids_are_reported_in_status_within_seconds(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    cluster.core.create_namespaced_resource_quota(cluster.namespace, quota)
+    wait_for(
+        lambda: cluster.core.read_namespaced_resource_quota("no-pods", cluster.namespace).status.hard,
+        timeout=30,
+        description="the quota to be counted",
+    )
+    cluster.create("llama", SPEC)
+    status = cluster.wait_status("llama", lambda s: s.get("reason") == "FailedCreate", "the Job controller's warning")
+    assert status["phase"] == "Validating"
+    assert "exceeded quota: no-pods" in status["message"]
+    validated = next(c for c in status["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("Unknown", "FailedCreate")

@@ -41,6 +41,11 @@ SETTINGS = Settings(
 )
 OWNER = Owner(name="llama-demo", namespace="research", uid="5f2c9e4e-uid", labels={})
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A pod on a node that stops reporting is evicted after settings.lost_node_seconds, not Kubernetes' five minutes.
+LOST_NODE_TOLERATIONS = [
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 120},
+    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 120},
+]
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -78,7 +83,10 @@ def test_qlora_job_requests_eight_a40s() -> None:
     amounts = {"cpu": "32", "memory": "192Gi", "nvidia.com/gpu": "8"}
     assert trainer(job)["resources"] == {"requests": amounts, "limits": amounts}
     assert pod_spec(job)["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A40"}
-    assert pod_spec(job)["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod_spec(job)["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        *LOST_NODE_TOLERATIONS,
+    ]
     assert job["spec"]["completionMode"] == "Indexed"
     assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
 
@@ -219,6 +227,7 @@ def test_spec_placement_is_added_to_the_gpu_defaults() -> None:
     }
     assert pod_spec(job)["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        *LOST_NODE_TOLERATIONS,
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
     ]
     assert pod_spec(job)["priorityClassName"] == "training-low"
