@@ -6,11 +6,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kwokpods import WaitTimeout, wait_for
 from testcluster import free_port
 
 # moto accepts any credentials; these are what clients of the test server use.
@@ -31,16 +31,21 @@ def s3_server(timeout: float = 30.0) -> Iterator[str]:
     process = subprocess.Popen(
         [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise S3ServerFailed(f"moto_server exited with code {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise S3ServerFailed("moto_server did not start") from None
-                time.sleep(0.2)
+        try:
+            wait_for(listening, timeout=timeout, interval=0.2, description="moto_server to listen")
+        except WaitTimeout as error:
+            raise S3ServerFailed(f"moto_server did not start: {error}") from None
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()

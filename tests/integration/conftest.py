@@ -8,7 +8,9 @@
   returns a `kwokpods.PodLogs` writer; `kubectl logs` (also `-f`) of the pod returns what is written.
 - `cluster`: the FineTuneJob CRD installed and every pod of the namespace serving one log file, which the test
   writes as the trainer would (a `finetune_harness.Cluster`);
-- `operator`: `finetune-operator run` watching the namespace, as a real process.
+- `operator`: `finetune-operator run` watching the namespace, as a real process, as `operator_identity`: the
+  admin, or (parametrized indirectly) the Helm chart's ServiceAccount with only the chart's RBAC, in which case
+  the test fails when the API server refused the operator anything.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_harness import Cluster, OperatorProcess, install_crd
+from finetune_harness import (
+    ADMIN,
+    Cluster,
+    OperatorIdentity,
+    OperatorProcess,
+    TokenNotSent,
+    chart_service_account,
+    install_crd,
+    permission_errors,
+)
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import (
@@ -104,9 +115,29 @@ def cluster(devcluster: DevCluster, namespace: str) -> Cluster:
 
 
 @pytest.fixture
-def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
+def operator_identity(
+    request: pytest.FixtureRequest, devcluster: DevCluster, namespace: str, tmp_path: Path
+) -> Iterator[OperatorIdentity]:
+    """Who `operator` runs as: the admin, unless a test asks for the chart's ServiceAccount with
+    `@pytest.mark.parametrize("operator_identity", [ADMIN, CHART_SERVICE_ACCOUNT], indirect=True)`."""
+    name = getattr(request, "param", ADMIN)
+    if name == ADMIN:
+        yield OperatorIdentity(ADMIN, devcluster.kubeconfig, devcluster.api)
+        return
+    try:
+        with chart_service_account(devcluster, namespace, tmp_path / "operator.kubeconfig") as identity:
+            yield identity
+    except TokenNotSent as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def operator(operator_identity: OperatorIdentity, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(namespace, operator_identity.kubeconfig, tmp_path / "operator.log")
     process.start()
     yield process
     process.stop()
     sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
+    if operator_identity.service_account is not None:
+        refused = permission_errors(process.log_path)
+        assert refused == [], f"the API server refused the chart's ServiceAccount: {refused[:5]}"

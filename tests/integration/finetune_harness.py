@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from helmchart import render_chart
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import PodLogs, terminate_pod, wait_for
-from testcluster import DevCluster, free_port
+from testcluster import DevCluster, free_port, new_api_client
 
 from finetune_contract.protocol import (
     EvalEvent,
@@ -34,13 +38,111 @@ from finetune_operator.crdgen import custom_resource_definition
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DESTINATION = "s3://finetune-outputs"
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+# Who the operator process runs as (the `operator_identity` fixture): the local cluster's admin, or the Helm
+# chart's ServiceAccount with nothing but the chart's RBAC.
+ADMIN, CHART_SERVICE_ACCOUNT = "admin", "chart-service-account"
+
+
+@dataclass(frozen=True)
+class OperatorIdentity:
+    """A kubeconfig for the operator, and an API client with the same credentials."""
+
+    name: str
+    kubeconfig: Path
+    api: client.ApiClient
+    service_account: str | None = None
+
+
+def kubectl(devcluster: DevCluster, *args: str, stdin: str) -> str:
+    result = subprocess.run(
+        [str(devcluster.kubectl), f"--kubeconfig={devcluster.kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def service_account_kubeconfig(devcluster: DevCluster, namespace: str, service_account: str, path: Path) -> Path:
+    """A kubeconfig for the admin's server and CA, with a bound token of the ServiceAccount as its only user."""
+    token_request = client.CoreV1Api(devcluster.api).create_namespaced_service_account_token(
+        service_account, namespace, {"spec": {"expirationSeconds": 3600}}
+    )
+    admin = yaml.safe_load(devcluster.kubeconfig.read_text())
+    context = next(c["context"] for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cluster = next(c["cluster"] for c in admin["clusters"] if c["name"] == context["cluster"])
+    user = f"system:serviceaccount:{namespace}:{service_account}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "devcluster", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token_request.status.token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "devcluster", "user": user, "namespace": namespace}}],
+        "current-context": "operator",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+class TokenNotSent(AssertionError):
+    """The kubernetes client sent no bearer token: the operator would act as system:anonymous."""
+
+
+def _check_the_token_is_sent(api: client.ApiClient) -> None:
+    try:
+        client.AuthenticationV1Api(api).create_self_subject_review(
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        )
+    except ApiException as error:
+        if error.status in (401, 403) and "system:anonymous" in str(error.body):
+            raise TokenNotSent(
+                "the kubernetes client sent no bearer token, so the operator would act as system:anonymous: "
+                "kubernetes==36.0.0/36.0.1 drop it (kubernetes-client/python#2582); use kubernetes>=36.0.2"
+            ) from None
+        raise
+
+
+@contextmanager
+def chart_service_account(devcluster: DevCluster, namespace: str, kubeconfig: Path) -> Iterator[OperatorIdentity]:
+    """The chart's RBAC applied for `namespace` (watched, and the release's namespace), and the identity of its
+    ServiceAccount; the RBAC is removed afterwards."""
+    install_crd(devcluster.api)
+    # The release is named like the namespace, so the cluster-scoped objects of two tests never collide.
+    # With the Replicate API on: its rights are the most the chart grants.
+    values = {"watchNamespaces": [namespace], "api": {"enabled": True}}
+    rendered = render_chart(values, release=namespace, namespace=namespace)
+    rbac = [obj for obj in rendered if obj["kind"] in RBAC_KINDS]
+    manifests = yaml.safe_dump_all(rbac)
+    kubectl(devcluster, "apply", "--server-side", "-f", "-", stdin=manifests)
+    service_account = next(obj for obj in rbac if obj["kind"] == "ServiceAccount")["metadata"]["name"]
+    service_account_kubeconfig(devcluster, namespace, service_account, kubeconfig)
+    api = new_api_client(kubeconfig)
+    try:
+        _check_the_token_is_sent(api)
+        yield OperatorIdentity(CHART_SERVICE_ACCOUNT, kubeconfig, api, service_account)
+    finally:
+        closing: Any = api
+        closing.close()
+        kubectl(devcluster, "delete", "--ignore-not-found", "--wait=false", "-f", "-", stdin=manifests)
+
+
+def permission_errors(log_path: Path) -> list[str]:
+    """The lines of an operator log that say the API server refused it something."""
+    pattern = re.compile(r"forbidden|\b403\b|not enough permissions|unauthorized|\b401\b", re.IGNORECASE)
+    return [line for line in log_path.read_text().splitlines() if pattern.search(line)]
 
 
 @dataclass
 class OperatorProcess:
-    """`finetune-operator run` watching one namespace (with more `args` and `FINETUNE_*` `env` when given)."""
+    """`finetune-operator run` watching one namespace, or every one when `namespace` is None (with more `args` and
+    `FINETUNE_*` `env` when given)."""
 
-    namespace: str
+    namespace: str | None
     kubeconfig: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
@@ -60,7 +162,8 @@ class OperatorProcess:
             "FINETUNE_METRICS_PORT": str(self.metrics_port),
             **self.env,
         }
-        command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
+        scope = ["--namespace", self.namespace] if self.namespace is not None else ["--all-namespaces"]
+        command = [sys.executable, "-m", "finetune_operator.cli", "run", *scope]
         command += ["--liveness", f"http://127.0.0.1:{self.health_port}/healthz", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -191,6 +294,29 @@ class Cluster:
             )
         )
         terminate_pod(self.api, self.namespace, pod, 0, message=encode(summary))
+
+    def trainer_times(self, pod: str) -> tuple[datetime, datetime | None]:
+        """When the pod's trainer container started, and when it ended (None while it runs)."""
+        state = self.core.read_namespaced_pod(pod, self.namespace).status.container_statuses[0].state
+        if state.terminated is not None:
+            return state.terminated.started_at, state.terminated.finished_at
+        return state.running.started_at, None
+
+    def gpu_seconds_of(self, pod: str, gpus: int = 8) -> int:
+        """The GPU-seconds a finished trainer pod held, from its container's own times."""
+        started, finished = self.trainer_times(pod)
+        assert finished is not None, f"{pod} still runs"
+        return gpus * int((finished - started).total_seconds())
+
+    def wait_trainer_ran(self, pod: str, seconds: float) -> None:
+        """Until the pod's trainer has run `seconds` (so that GPU time is counted in whole seconds)."""
+        started, _ = self.trainer_times(pod)
+        wait_for(
+            lambda: datetime.now(UTC) - started >= timedelta(seconds=seconds),
+            timeout=seconds + 30,
+            interval=0.2,
+            description=f"{pod} to run {seconds}s",
+        )
 
     def is_gone(self, name: str) -> bool:
         try:
