@@ -28,6 +28,9 @@ class TrainerConfig(BaseModel):
     run_uid: str = Field(
         "", description="The FineTuneJob's UID: part of the checkpoints' fingerprint, so no other run resumes them."
     )
+    checkpoint_every_minutes: float | None = Field(
+        30.0, gt=0, description="Save a checkpoint this often besides each epoch's end (None: only at epochs' end)."
+    )
     activation_checkpointing: ActivationCheckpointing = Field(
         "auto", description='"auto" (the memory plan), "off", "all", or n: every n-th decoder layer.'
     )
