@@ -175,19 +175,26 @@ def train_in_process(config: dict[str, Any], workdir: Path) -> TrainerRun:
     return TrainerRun(result, events_in(buffer.getvalue()), termination_log.read_text(), Path(config["destination"]))
 
 
-def build_tiny_trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], **inputs: Any) -> Any:
+def build_tiny_trainer(
+    tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], attention: str = "sdpa", **inputs: Any
+) -> Any:
     """The SFTTrainer the worker builds for these rows and inputs, on the tiny Llama, without training."""
+    from datasets import Dataset
+
     from finetune_contract.trainer_config import TrainerConfig
-    from finetune_contract.training_data import DataFormat
-    from finetune_trainer.data import Split
     from finetune_trainer.model import load_base_model, load_tokenizer
     from finetune_trainer.train import build_trainer
 
     config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out", **inputs))
-    kind: DataFormat = "text" if "text" in rows[0] else "prompt_completion"
-    model = load_base_model(tiny_model_dir, config.input, 0)
+    model = load_base_model(tiny_model_dir, config.input, 0, attention)
     return build_trainer(
-        config.input, Split(kind, rows, []), model, load_tokenizer(tiny_model_dir), output_dir=tmp_path, callbacks=[]
+        config.input,
+        Dataset.from_list(rows),
+        None,
+        model,
+        load_tokenizer(tiny_model_dir),
+        output_dir=tmp_path,
+        callbacks=[],
     )
 
 

@@ -1,6 +1,7 @@
 """Resuming: a restarted trainer takes the newest complete checkpoint at the destination, never one without its
 COMPLETE marker, and goes on exactly where the run stopped: with the optimizer, scheduler and RNG states of the
-checkpoint, it ends with the very adapter an uninterrupted run ends with."""
+checkpoint, it ends with the very adapter an uninterrupted run ends with. (Which checkpoint is taken, marker and
+fingerprint, is test_run_identity.py's.)"""
 
 from __future__ import annotations
 
@@ -39,16 +40,18 @@ def uninterrupted(tiny_model_dir: Path, data: Path, tmp_path_factory: pytest.Tem
 def _restarted(
     tiny_model_dir: Path, data: Path, uninterrupted: TrainerRun, tmp_path: Path, without: tuple[str, ...] = ()
 ) -> TrainerRun:
-    """A restart after epoch 1: the destination has epoch 1's checkpoint (less the files `without`), and an
-    epoch-2 checkpoint whose upload was cut off before its COMPLETE marker."""
-    destination = tmp_path / "destination"
-    checkpoints = destination / "checkpoints"
-    shutil.copytree(uninterrupted.destination / "checkpoints" / "epoch-1", checkpoints / "epoch-1")
+    """A restart after epoch 1: the destination has epoch 1's checkpoint (less the files `without`), and the last
+    one, whose upload was cut off before its COMPLETE marker."""
+    total = uninterrupted.of(StartEvent)[0].total_steps
+    first, last = f"step-{total // EPOCHS}", f"step-{total}"
+    source, checkpoints = uninterrupted.destination / "checkpoints", tmp_path / "destination" / "checkpoints"
+    assert sorted(path.name for path in source.iterdir()) == sorted((first, last))
+    shutil.copytree(source / first, checkpoints / first)
     for name in without:
-        (checkpoints / "epoch-1" / name).unlink()
-    shutil.copytree(uninterrupted.destination / "checkpoints" / "epoch-2", checkpoints / "epoch-2")
-    (checkpoints / "epoch-2" / "COMPLETE").unlink()
-    return train_in_process(_config(tiny_model_dir, data, destination), tmp_path)
+        (checkpoints / first / name).unlink()
+    shutil.copytree(source / last, checkpoints / last)
+    (checkpoints / last / "COMPLETE").unlink()
+    return train_in_process(_config(tiny_model_dir, data, tmp_path / "destination"), tmp_path)
 
 
 def test_a_restarted_run_resumes_from_the_last_complete_checkpoint_and_ends_as_if_never_stopped(
@@ -59,7 +62,7 @@ def test_a_restarted_run_resumes_from_the_last_complete_checkpoint_and_ends_as_i
     total = uninterrupted.of(StartEvent)[0].total_steps
     per_epoch = total // EPOCHS
     restarted = _restarted(tiny_model_dir, data, uninterrupted, tmp_path)
-    # Epoch 2 again, from step per_epoch + 1: the incomplete epoch-2 checkpoint was not taken.
+    # Epoch 2 again, from step per_epoch + 1: the incomplete last checkpoint was not taken.
     steps = [(e.step, e.learning_rate, e.loss) for e in restarted.of(ProgressEvent)]
     expected = [(e.step, e.learning_rate, e.loss) for e in uninterrupted.of(ProgressEvent)][per_epoch:]
     assert [step for step, _, _ in steps] == list(range(per_epoch + 1, total + 1))
@@ -88,19 +91,3 @@ def test_the_resumed_run_depends_on_each_saved_state(
     restarted = _restarted(tiny_model_dir, data, uninterrupted, tmp_path, without)
     resumed, straight = adapter_weights(restarted.destination), adapter_weights(uninterrupted.destination)
     assert any(not torch.allclose(resumed[name], tensor, rtol=1e-5, atol=1e-6) for name, tensor in straight.items())
-
-
-def test_a_checkpoint_without_its_complete_marker_is_never_resumed(tmp_path: Path) -> None:
-    from finetune_trainer.checkpoints import latest_checkpoint
-
-    destination = tmp_path / "destination"
-    for epoch, complete in ((1, True), (2, True), (3, False), (10, False)):
-        directory = destination / "checkpoints" / f"epoch-{epoch}"
-        directory.mkdir(parents=True)
-        (directory / "adapter_model.safetensors").write_bytes(b"weights")
-        if complete:
-            (directory / "COMPLETE").write_text("done\n")
-    assert latest_checkpoint(str(destination)) == (2, str(destination / "checkpoints" / "epoch-2"))
-    for epoch in (1, 2):
-        (destination / "checkpoints" / f"epoch-{epoch}" / "COMPLETE").unlink()
-    assert latest_checkpoint(str(destination)) is None

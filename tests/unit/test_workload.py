@@ -344,9 +344,10 @@ def test_config_map_holds_the_resolved_trainer_input() -> None:
     assert list(config_map["data"]) == ["input.json"]
     stored = json.loads(config_map["data"]["input.json"])
     assert stored == json.loads(
-        resolve_trainer_config(OWNER.name, OWNER.namespace, run.spec, SETTINGS).model_dump_json()
+        resolve_trainer_config(OWNER.name, OWNER.namespace, OWNER.uid, run.spec, SETTINGS).model_dump_json()
     )
-    assert stored["destination"] == "s3://finetunes/research/llama-demo/"
+    assert stored["destination"] == "s3://finetunes/research/llama-demo/5f2c9e4e-uid/", "each run writes apart"
+    assert stored["run_uid"] == "5f2c9e4e-uid"
 
 
 def test_every_child_is_labelled_and_owned_by_the_finetunejob() -> None:

@@ -212,7 +212,7 @@ class FineTuneJobSpec(KubeModel):
         None,
         json_schema_extra=_immutable("spec.destination"),
         description="Where the output weights go (s3://, gs://, pvc://). "
-        "Defaults to the operator's destination, under <namespace>/<name>/.",
+        "Defaults to the operator's destination, under <namespace>/<name>/<uid>/.",
     )
     resources: Resources = Field(default_factory=Resources, description="GPUs, nodes and placement.")
     image: str | None = Field(
