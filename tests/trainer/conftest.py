@@ -176,9 +176,15 @@ def train_in_process(config: dict[str, Any], workdir: Path) -> TrainerRun:
 
 
 def build_tiny_trainer(
-    tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], attention: str = "sdpa", **inputs: Any
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    rows: list[dict[str, str]],
+    attention: str = "sdpa",
+    checkpointing: Any = None,
+    **inputs: Any,
 ) -> Any:
-    """The SFTTrainer the worker builds for these rows and inputs, on the tiny Llama, without training."""
+    """The SFTTrainer the worker builds for these rows and inputs (and activation checkpointing plan), on the tiny
+    Llama, without training."""
     from datasets import Dataset
 
     from finetune_contract.trainer_config import TrainerConfig
@@ -195,6 +201,7 @@ def build_tiny_trainer(
         load_tokenizer(tiny_model_dir),
         output_dir=tmp_path,
         callbacks=[],
+        checkpointing=checkpointing,
     )
 
 
