@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from conftest import make_spec
 
+from conftest import make_spec
 from finetune_operator.api.status import Condition, ConditionType, FineTuneJobStatus, Phase
 from finetune_operator.lifecycle import Observation, decide
 from finetune_operator.lifecycle.kstatus import kstatus_conditions

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import run_in_virtual_time
 
+from conftest import run_in_virtual_time
 from finetune_operator.workqueue import Key, WorkQueue
 
 KEY = ("ns", "a")
