@@ -341,7 +341,7 @@ def _condition_status(status: FineTuneJobStatus, kind: ConditionType) -> str | N
 def _resolved(spec: FineTuneJobSpec, obs: Observation) -> Resolved:
     resources = spec.resources
     plan = plan_batches(
-        spec.input.train_batch_size, spec.input.micro_batch_size, resources.nodes * resources.gpus_per_node
+        spec.input.train_batch_size, spec.input.micro_batch_size, resources.nodes * resources.processes_per_node
     )
     resolved = Resolved(
         world_size=plan.world_size,

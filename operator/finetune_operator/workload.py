@@ -37,6 +37,7 @@ MANAGER_NAME = "finetune-operator"
 TRAINER_CONTAINER = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 TRAINER_USER_ID = 1000
 VALIDATION_BACKOFF_LIMIT = 2
@@ -172,7 +173,10 @@ def build_validation_job(owner: Owner, spec: FineTuneJobSpec, settings: Settings
         resources=_requests_and_limits({"cpu": settings.validation_cpu, "memory": settings.validation_memory}),
         mounts=storage.mounts,
     )
-    pod_spec = _pod_spec(spec, settings, container, storage.volumes)
+    # A CPU job (gpusPerNode 0) runs all of its pods where the spec places them; a GPU job's validation pod goes
+    # to any CPU node.
+    placement = _placement(spec.resources) if spec.resources.gpus_per_node == 0 else {}
+    pod_spec = _pod_spec(spec, settings, container, storage.volumes, **placement)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -216,7 +220,7 @@ def build_service(owner: Owner, spec: FineTuneJobSpec, settings: Settings, names
 def build_train_job(
     owner: Owner, spec: FineTuneJobSpec, settings: Settings, names: WorkloadNames, suspend: bool
 ) -> Manifest:
-    """The Indexed Job of `nodes` pods, each running torchrun over `gpusPerNode` GPUs.
+    """The Indexed Job of `nodes` pods, each running torchrun over `gpusPerNode` GPUs (or one CPU process).
 
     It starts suspended when asked to, or when the FineTuneJob names a Kueue queue: Kueue admits it by
     unsuspending it.
@@ -228,7 +232,7 @@ def build_train_job(
         spec,
         settings,
         TRAINER_ARGV,
-        resources=_gpu_resources(resources),
+        resources=_trainer_resources(resources),
         mounts=storage.mounts,
         extra_env=_torchrun_env(resources, settings, names),
     )
@@ -238,7 +242,8 @@ def build_train_job(
         container,
         storage.volumes,
         **({"subdomain": names.service} if resources.nodes > 1 else {}),
-        **_gpu_placement(resources),
+        **_placement(resources),
+        **_spread_cpu_pods(owner, resources),
     )
     kueue_labels = _kueue_labels(owner)
     job_spec: Manifest = {
@@ -323,29 +328,54 @@ def _ignore_disruptions() -> Manifest:
     return {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
 
 
-# --- GPU placement -------------------------------------------------------------------------------------
+# --- placement ----------------------------------------------------------------------------------------
 
 
-def _gpu_placement(resources: Resources) -> Manifest:
-    placement: Manifest = {
-        "nodeSelector": {
-            GPU_PRODUCT_LABEL: resources.gpu_product,
-            **dict(sorted(resources.node_selector.items())),
-        },
-        "tolerations": [
-            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-            *(toleration.model_dump(exclude_none=True) for toleration in resources.tolerations),
-        ],
+def _placement(resources: Resources) -> Manifest:
+    """Nodes of the GPU product asked for, tolerating their GPU taint, plus the spec's own selector and
+    tolerations. The CPU shape (gpusPerNode 0) has only the spec's."""
+    gpu = resources.gpus_per_node > 0
+    node_selector = {
+        **({GPU_PRODUCT_LABEL: resources.gpu_product} if gpu else {}),
+        **dict(sorted(resources.node_selector.items())),
     }
+    tolerations = [
+        *([{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if gpu else []),
+        *(toleration.model_dump(exclude_none=True) for toleration in resources.tolerations),
+    ]
+    placement: Manifest = {}
+    if node_selector:
+        placement["nodeSelector"] = node_selector
+    if tolerations:
+        placement["tolerations"] = tolerations
     if resources.priority_class_name is not None:
         placement["priorityClassName"] = resources.priority_class_name
     return placement
 
 
-def _gpu_resources(resources: Resources) -> Manifest:
-    return _requests_and_limits(
-        {"cpu": resources.cpu, "memory": resources.memory, GPU_RESOURCE: str(resources.gpus_per_node)}
-    )
+def _spread_cpu_pods(owner: Owner, resources: Resources) -> Manifest:
+    """CPU trainer pods prefer a node each, as GPU pods that take a node's GPUs get one; on a cluster with fewer
+    nodes they still run."""
+    if resources.gpus_per_node > 0 or resources.nodes == 1:
+        return {}
+    term = {
+        "labelSelector": {"matchLabels": component_selector(owner.name, Component.TRAINING)},
+        "topologyKey": HOSTNAME_LABEL,
+    }
+    return {
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": term}]
+            }
+        }
+    }
+
+
+def _trainer_resources(resources: Resources) -> Manifest:
+    amounts = {"cpu": resources.cpu, "memory": resources.memory}
+    if resources.gpus_per_node > 0:
+        amounts[GPU_RESOURCE] = str(resources.gpus_per_node)
+    return _requests_and_limits(amounts)
 
 
 def _requests_and_limits(amounts: Mapping[str, str]) -> Manifest:
@@ -361,7 +391,7 @@ def _torchrun_env(resources: Resources, settings: Settings, names: WorkloadNames
     master_address = f"{names.train_job}-0.{names.service}" if resources.nodes > 1 else "127.0.0.1"
     return [
         {"name": "NNODES", "value": str(resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(resources.gpus_per_node)},
+        {"name": "NPROC_PER_NODE", "value": str(resources.processes_per_node)},
         {
             "name": "NODE_RANK",
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
@@ -370,7 +400,7 @@ def _torchrun_env(resources: Resources, settings: Settings, names: WorkloadNames
         {"name": "MASTER_PORT", "value": str(settings.master_port)},
         {
             "name": "OMP_NUM_THREADS",
-            "value": str(_threads_per_process(resources.cpu, resources.gpus_per_node)),
+            "value": str(_threads_per_process(resources.cpu, resources.processes_per_node)),
         },
     ]
 

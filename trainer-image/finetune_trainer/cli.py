@@ -94,7 +94,7 @@ def launch(input_path: str, workdir: str) -> int:
     config = load_config(input_path)
     load_split(config.input)  # bad data fails here, before any training process starts
     nnodes = int(os.environ.get("NNODES") or config.nodes)
-    nproc = int(os.environ.get("NPROC_PER_NODE") or config.gpus_per_node)
+    nproc = int(os.environ.get("NPROC_PER_NODE") or config.processes_per_node)
     if nnodes * nproc == 1:
         return worker(input_path, workdir)
     if nnodes > 1 and "MASTER_ADDR" not in os.environ:
