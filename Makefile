@@ -16,19 +16,21 @@ help:
 	@echo "make cluster-down  stop it"
 	@echo "make bench-trainer packing and throughput benchmark of the trainer"
 
-# The virtual environment is rebuilt whenever pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+# The virtual environment is rebuilt whenever a pyproject.toml changes. It holds the three distributions: the
+# contract, the operator (with the dev tools) and the trainer (for its CPU tests).
+PYPROJECTS := pyproject.toml contract/pyproject.toml trainer-image/pyproject.toml
+$(VENV)/.installed: $(PYPROJECTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,trainer]'
+	$(PY) -m pip install --quiet -e ./contract -e ./trainer-image -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 # Test directories are type-checked one at a time: each has its own conftest module.
 lint: venv
-	$(VENV)/bin/ruff check operator trainer-image tests
-	$(VENV)/bin/ruff format --check operator trainer-image tests
+	$(VENV)/bin/ruff check contract operator trainer-image tests
+	$(VENV)/bin/ruff format --check contract operator trainer-image tests
 	$(VENV)/bin/mypy
 	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/unit
 	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/trainer

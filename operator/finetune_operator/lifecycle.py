@@ -18,23 +18,23 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from finetune_contract.batching import plan_batches
+from finetune_contract.protocol import (
+    EXIT_USER_ERROR,
+    ErrorEvent,
+    Output,
+    OutputEvent,
+    ValidatedEvent,
+    parse_termination_message,
+)
 from finetune_operator.api.spec import FineTuneJobSpec
 from finetune_operator.api.status import (
     Condition,
     ConditionType,
     ErrorInfo,
     FineTuneJobStatus,
-    Output,
     Phase,
     Resolved,
-)
-from finetune_operator.batching import plan_batches
-from finetune_operator.protocol import (
-    EXIT_USER_ERROR,
-    ErrorEvent,
-    OutputEvent,
-    ValidatedEvent,
-    parse_termination_message,
 )
 from finetune_operator.workload import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
 

@@ -7,8 +7,9 @@ the user's to fix, so the operator reports it as phase Failed and never retries 
 
 from __future__ import annotations
 
-from finetune_operator.api import FineTuneJobSpec, TrainerConfig
-from finetune_operator.api.uris import DATA_SCHEMES, DESTINATION_SCHEMES, WEIGHTS_SCHEMES, check_uri
+from finetune_contract.trainer_config import TrainerConfig
+from finetune_contract.uris import DATA_SCHEMES, DESTINATION_SCHEMES, WEIGHTS_SCHEMES, check_uri
+from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.settings import Settings
 
 

@@ -10,16 +10,17 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api.status import Output, Progress, ValidationSample
-from finetune_operator.lifecycle import timestamp
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     EvalEvent,
+    Output,
     OutputEvent,
     ProgressEvent,
     SampleEvent,
     StartEvent,
     parse_line,
 )
+from finetune_operator.api.status import Progress, ValidationSample
+from finetune_operator.lifecycle import timestamp
 
 MAX_SAMPLES = 10
 MAX_SAMPLE_CHARS = 2000

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from finetune_operator.api import API_VERSION, KIND, TRAINER_CONFIG_PATH, FineTuneJobSpec, TrainerConfig
+from finetune_contract.protocol import EXIT_USER_ERROR
+from finetune_contract.trainer_config import TRAINER_CONFIG_PATH, TrainerConfig
+from finetune_contract.uris import PVC_MOUNT_ROOT, pvc_claim
+from finetune_operator.api import API_VERSION, KIND, FineTuneJobSpec
 from finetune_operator.api.spec import Resources
-from finetune_operator.api.uris import PVC_MOUNT_ROOT, pvc_claim
-from finetune_operator.protocol import EXIT_USER_ERROR
 from finetune_operator.resolution import resolve_trainer_config
 from finetune_operator.settings import Settings
 

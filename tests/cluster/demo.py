@@ -20,8 +20,8 @@ from kubernetes.client.exceptions import ApiException
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
 from testcluster import DevCluster, running_cluster
 
+from finetune_contract.protocol import OutputEvent, parse_line, termination_message
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.protocol import OutputEvent, parse_line, termination_message
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDING = ROOT / "examples" / "demo"

@@ -19,9 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from kwokpods import PodLogs, terminate_pod, wait_for
 from testcluster import DevCluster, free_port
 
-from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from finetune_operator.crdgen import custom_resource_definition
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     EvalEvent,
     ProgressEvent,
     ResolvedRun,
@@ -30,6 +28,8 @@ from finetune_operator.protocol import (
     ValidatedEvent,
     encode,
 )
+from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from finetune_operator.crdgen import custom_resource_definition
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DESTINATION = "s3://finetune-outputs"

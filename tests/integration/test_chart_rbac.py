@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
 from testcluster import DevCluster, new_api_client
 
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     OutputEvent,
     OutputFile,
     termination_message,

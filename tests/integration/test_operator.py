@@ -20,8 +20,7 @@ from kubernetes import client
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
 from testcluster import DevCluster
 
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     EXIT_USER_ERROR,
     ErrorEvent,
     OutputEvent,
@@ -29,6 +28,7 @@ from finetune_operator.protocol import (
     encode,
     termination_message,
 )
+from finetune_operator.api import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 

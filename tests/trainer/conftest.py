@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.protocol import Event, parse_line
+from finetune_contract.protocol import Event, parse_line
 
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 FRUITS = ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum")

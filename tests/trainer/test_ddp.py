@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config, write_jsonl
 
-from finetune_operator.batching import plan_batches
-from finetune_operator.protocol import OutputEvent, StartEvent
+from finetune_contract.batching import plan_batches
+from finetune_contract.protocol import OutputEvent, StartEvent
 
 pytestmark = pytest.mark.trainer
 
@@ -40,7 +40,8 @@ def test_two_process_ddp_runs_to_the_end_with_identical_replicas(tiny_model_dir:
     assert start.world_size == 2
     assert start.resolved is not None
     assert (start.resolved.per_device_batch_size, start.resolved.gradient_accumulation_steps) == (2, 1)
-    # DESIGN.md's rule: global batch 4 on 2 ranks is 2 per rank, no accumulation; 32 rows make 8 steps.
+    # The global batch rule (finetune_contract.batching): batch 4 on 2 ranks is 2 per rank, no accumulation;
+    # 32 rows make 8 steps.
     assert start.total_steps == plan_batches(4, 2, 2).steps_per_epoch(32) == 8
     assert (tmp_path / "dest" / "adapter_model.safetensors").exists()
     assert output.files

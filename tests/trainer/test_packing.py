@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
 
-from finetune_operator.api import TrainerConfig
-from finetune_operator.protocol import OutputEvent, ProgressEvent
+from finetune_contract.protocol import OutputEvent, ProgressEvent
+from finetune_contract.trainer_config import TrainerConfig
 
 pytestmark = pytest.mark.trainer
 

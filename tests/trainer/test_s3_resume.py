@@ -20,7 +20,7 @@ import pytest
 from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
 from testcluster import free_port
 
-from finetune_operator.protocol import CheckpointEvent, OutputEvent, ProgressEvent, StartEvent, parse_line
+from finetune_contract.protocol import CheckpointEvent, OutputEvent, ProgressEvent, StartEvent, parse_line
 
 pytestmark = pytest.mark.trainer
 

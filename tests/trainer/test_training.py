@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from conftest import events_in, learnable_rows, text_rows, trainer_config, write_jsonl
 
-from finetune_operator.api import TrainerConfig
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     CheckpointEvent,
     EvalEvent,
     Event,
@@ -23,6 +22,7 @@ from finetune_operator.protocol import (
     StartEvent,
     parse_termination_message,
 )
+from finetune_contract.trainer_config import TrainerConfig
 
 pytestmark = pytest.mark.trainer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
 
-from finetune_operator.protocol import EXIT_USER_ERROR, ErrorEvent, StartEvent, ValidatedEvent, parse_line
+from finetune_contract.protocol import EXIT_USER_ERROR, ErrorEvent, StartEvent, ValidatedEvent, parse_line
 from finetune_trainer.data import parse_rows
 from finetune_trainer.errors import UserError
 
@@ -140,7 +140,7 @@ def test_validation_rows_come_from_the_head_of_validation_data(tmp_path: Path, t
 def test_pvc_uris_read_from_the_mounted_claim(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune_operator.api import uris
+    from finetune_contract import uris
 
     monkeypatch.setattr(uris, "PVC_MOUNT_ROOT", str(tmp_path / "mnt"))
     (tmp_path / "mnt" / "datasets" / "llama").mkdir(parents=True)

@@ -7,9 +7,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from finetune_operator.api import FineTuneJobSpec, TrainingInput
-from finetune_operator.batching import plan_batches
-from finetune_operator.protocol import (
+from finetune_contract.batching import plan_batches
+from finetune_contract.inputs import TrainingInput
+from finetune_contract.protocol import (
     TERMINATION_MESSAGE_LIMIT,
     CheckpointEvent,
     ErrorEvent,
@@ -27,6 +27,7 @@ from finetune_operator.protocol import (
     parse_termination_message,
     termination_message,
 )
+from finetune_operator.api import FineTuneJobSpec
 
 TRAIN_DATA = "https://data.example/train.jsonl"
 

@@ -6,11 +6,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from finetune_operator.api.inputs import TrainingInput
-from finetune_operator.api.spec import FineTuneJobSpec, Resources
-from finetune_operator.api.status import ConditionType, FineTuneJobStatus, Phase
-from finetune_operator.lifecycle import Action, Decision, Observation, decide, timestamp
-from finetune_operator.protocol import (
+from finetune_contract.inputs import TrainingInput
+from finetune_contract.protocol import (
     ErrorEvent,
     OutputEvent,
     OutputFile,
@@ -19,6 +16,9 @@ from finetune_operator.protocol import (
     encode,
     termination_message,
 )
+from finetune_operator.api.spec import FineTuneJobSpec, Resources
+from finetune_operator.api.status import ConditionType, FineTuneJobStatus, Phase
+from finetune_operator.lifecycle import Action, Decision, Observation, decide, timestamp
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 CREATED = timestamp(NOW - timedelta(minutes=10))

@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from finetune_contract.protocol import ProgressEvent, encode
 from finetune_operator.log_follower import LogFollowers, Stream
-from finetune_operator.protocol import ProgressEvent, encode
 from finetune_operator.settings import Settings
 
 

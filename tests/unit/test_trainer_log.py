@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from finetune_operator.protocol import (
+from finetune_contract.protocol import (
     EvalEvent,
     OutputEvent,
     ProgressEvent,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from finetune_contract.protocol import EXIT_USER_ERROR
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.protocol import EXIT_USER_ERROR
 from finetune_operator.resolution import InvalidSpec, resolve_trainer_config
 from finetune_operator.settings import Settings
 from finetune_operator.workload import (

@@ -19,7 +19,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api import TrainingInput
+from finetune_contract.inputs import TrainingInput
 from finetune_trainer.data import Split
 
 WORDS = ("the", "model", "learns", "to", "pack", "tokens", "into", "long", "short", "rows", "of", "data", "fast")

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune_operator.protocol import EvalEvent, ProgressEvent, ResolvedRun, SampleEvent, StartEvent
+from finetune_contract.protocol import EvalEvent, ProgressEvent, ResolvedRun, SampleEvent, StartEvent
 from finetune_trainer.events import emit, rank
 
 SAMPLE_MAX_NEW_TOKENS = 128

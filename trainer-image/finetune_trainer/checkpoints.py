@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune_operator.protocol import CheckpointEvent
+from finetune_contract.protocol import CheckpointEvent
 from finetune_trainer import storage
 from finetune_trainer.events import emit, log, rank
 

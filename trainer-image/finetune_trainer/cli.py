@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from finetune_operator.api import TRAINER_CONFIG_PATH
-from finetune_operator.protocol import EXIT_USER_ERROR, ErrorEvent, ResolvedRun, ValidatedEvent, encode, parse_line
+from finetune_contract.protocol import EXIT_USER_ERROR, ErrorEvent, ResolvedRun, ValidatedEvent, encode, parse_line
+from finetune_contract.trainer_config import TRAINER_CONFIG_PATH
 from finetune_trainer.config import load_config
 from finetune_trainer.data import load_split
 from finetune_trainer.errors import TRAINER_FAILED, USER_ERROR_REASONS, UserError

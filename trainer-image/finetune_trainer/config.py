@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from finetune_operator.api import TrainerConfig
+from finetune_contract.trainer_config import TrainerConfig
 from finetune_trainer.errors import INVALID_INPUT, UserError
 
 

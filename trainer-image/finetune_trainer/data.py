@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from finetune_operator.api import TrainingInput
+from finetune_contract.inputs import TrainingInput
 from finetune_trainer import storage
 from finetune_trainer.errors import INVALID_INPUT, INVALID_TRAINING_DATA, UserError
 
@@ -104,8 +104,11 @@ def load_rows(uri: str, name: str) -> Rows:
 
 
 def load_split(inputs: TrainingInput) -> Split:
-    """Train and validation rows as DESIGN.md says: validation from the tail of train_data (removed from training),
-    or from the head of validation_data when given; none when run_validation is off."""
+    """Train and validation rows as Replicate takes them.
+
+    Validation comes from the tail of train_data (removed from training), or from the head of validation_data
+    when given; none when run_validation is off.
+    """
     train = load_rows(inputs.train_data, "train_data")
     count = inputs.num_validation_samples if inputs.run_validation else 0
     if inputs.validation_data is not None:

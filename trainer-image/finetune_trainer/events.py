@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from finetune_operator import protocol
-from finetune_operator.protocol import ErrorEvent, Event
+from finetune_contract import protocol
+from finetune_contract.protocol import ErrorEvent, Event
 
 # Where the termination message goes; the env override is for running outside Kubernetes (and for tests).
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"

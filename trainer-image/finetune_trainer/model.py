@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api import TrainingInput
+from finetune_contract.inputs import TrainingInput
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Files `validate` needs to count tokens, so it can fetch the tokenizer without the multi-gigabyte weights.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from finetune_operator.api.uris import pvc_local_path
+from finetune_contract.uris import pvc_local_path
 
 REMOTE_SCHEMES = ("s3", "gs", "https", "http")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from finetune_operator.api import TrainingInput
-from finetune_operator.batching import plan_batches
+from finetune_contract.batching import plan_batches
+from finetune_contract.inputs import TrainingInput
 from finetune_trainer.data import Row, Split
 
 

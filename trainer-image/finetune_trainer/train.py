@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator import protocol
-from finetune_operator.api import TrainerConfig, TrainingInput
-from finetune_operator.batching import BatchPlan, plan_batches
-from finetune_operator.protocol import OutputEvent, OutputFile, ResolvedRun
+from finetune_contract import protocol
+from finetune_contract.batching import BatchPlan, plan_batches
+from finetune_contract.inputs import TrainingInput
+from finetune_contract.protocol import OutputEvent, OutputFile, ResolvedRun
+from finetune_contract.trainer_config import TrainerConfig
 from finetune_trainer import storage
 from finetune_trainer.checkpoints import CheckpointCallback, fetch_checkpoint, latest_checkpoint
 from finetune_trainer.data import Split, load_split

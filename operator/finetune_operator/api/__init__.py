@@ -1,9 +1,7 @@
 """The FineTuneJob API (`finetune.dev/v1alpha1`): the single source of truth for the CRD in crds/."""
 
-from finetune_operator.api.inputs import TrainingInput
 from finetune_operator.api.spec import FineTuneJobSpec, ModelSpec, Resources
 from finetune_operator.api.status import Condition, ConditionType, FineTuneJobStatus, Phase
-from finetune_operator.api.trainer_config import TRAINER_CONFIG_PATH, TrainerConfig
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -23,7 +21,6 @@ __all__ = [
     "PLURAL",
     "SHORT_NAMES",
     "SINGULAR",
-    "TRAINER_CONFIG_PATH",
     "VERSION",
     "Condition",
     "ConditionType",
@@ -32,6 +29,4 @@ __all__ = [
     "ModelSpec",
     "Phase",
     "Resources",
-    "TrainerConfig",
-    "TrainingInput",
 ]

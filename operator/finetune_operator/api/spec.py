@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from finetune_operator.api.inputs import TrainingInput
-from finetune_operator.api.uris import DestinationURI, WeightsURI
+from finetune_contract.inputs import TrainingInput
+from finetune_contract.uris import DestinationURI, WeightsURI
 
 DEFAULT_MODEL = "meta/llama-2-7b"
 DEFAULT_GPU_PRODUCT = "NVIDIA-A40"

@@ -1,4 +1,16 @@
-"""FineTuneJob.status: what the operator reports back."""
+"""FineTuneJob.status: what the operator reports back, and which part of the operator writes each field.
+
+Each field has exactly one writer, so that two parts never undo each other's writes:
+
+- the state machine (`finetune_operator.lifecycle`, written by the reconciler): phase, reason, message,
+  conditions, observedGeneration, createdAt, startedAt, completedAt, gpuSeconds, restarts, resolved, error,
+  output, workload;
+- the log follower (`finetune_operator.trainer_log`, written by `finetune_operator.log_follower`): progress,
+  logs, validationSamples.
+
+`STATE_MACHINE_FIELDS` and `LOG_FOLLOWER_FIELDS` say the same in code; a test checks that together they are
+every field, and that neither writer patches a field of the other.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +18,8 @@ from enum import StrEnum
 
 from pydantic import ConfigDict, Field
 
+from finetune_contract.protocol import Output, ResolvedRun
 from finetune_operator.api.spec import KubeModel
-from finetune_operator.protocol import ResolvedRun
 
 
 class Phase(StrEnum):
@@ -81,18 +93,6 @@ class ValidationSample(KubeModel):
     completion: str
 
 
-class OutputFile(KubeModel):
-    path: str
-    size: int
-    sha256: str
-
-
-class Output(KubeModel):
-    weights: str
-    files: list[OutputFile] = Field(default_factory=list)
-    metrics: dict[str, float] = Field(default_factory=dict)
-
-
 class ErrorInfo(KubeModel):
     reason: str
     message: str
@@ -130,3 +130,25 @@ class FineTuneJobStatus(KubeModel):
     output: Output | None = None
     error: ErrorInfo | None = None
     workload: Workload | None = None
+
+
+# The wire (camelCase) names of the fields each writer owns; see the module's docstring.
+STATE_MACHINE_FIELDS = frozenset(
+    (
+        "phase",
+        "reason",
+        "message",
+        "conditions",
+        "observedGeneration",
+        "createdAt",
+        "startedAt",
+        "completedAt",
+        "gpuSeconds",
+        "restarts",
+        "resolved",
+        "error",
+        "output",
+        "workload",
+    )
+)
+LOG_FOLLOWER_FIELDS = frozenset(("progress", "logs", "validationSamples"))

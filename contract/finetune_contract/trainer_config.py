@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune_operator.api.inputs import TrainingInput
+from finetune_contract.inputs import TrainingInput
 
 TRAINER_CONFIG_PATH = "/etc/finetune/input.json"
 

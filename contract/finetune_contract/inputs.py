@@ -9,7 +9,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from finetune_operator.api.uris import DataURI
+from finetune_contract.uris import DataURI
 
 MAX_CHUNK_SIZE = 32768
 

@@ -37,6 +37,8 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     ftj: int = PROTOCOL_VERSION
+    # Each event narrows this to its Literal name; declared here so that every line reads {"ftj": 1, "event": ...}.
+    event: str
 
 
 class ResolvedRun(BaseModel):
@@ -101,11 +103,18 @@ class OutputFile(BaseModel):
     sha256: str
 
 
-class OutputEvent(_Event):
-    event: Literal["output"] = "output"
+class Output(BaseModel):
+    """The published output: the weights URI, each file with its size and sha256, and the final metrics."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
     weights: str
     files: list[OutputFile] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class OutputEvent(Output, _Event):
+    event: Literal["output"] = "output"
 
 
 class ValidatedEvent(_Event):
