@@ -43,10 +43,13 @@ class DevCluster:
     # the executor's per-pod directories (executor.pod_process_id finds a pod's process there)
     executor_dir: Path
 
-    def kubectl_run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run kubectl against the cluster; raises CalledProcessError on failure."""
+    def kubectl_run(
+        self, *args: str, timeout: float = 60, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against the cluster (with `stdin` as its input); raises CalledProcessError on failure."""
         return subprocess.run(
             [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
             capture_output=True,
             text=True,
             check=True,

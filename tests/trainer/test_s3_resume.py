@@ -6,19 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
-from testcluster import free_port
+from s3server import S3Server, running_s3_server
 
 from finetune_contract.protocol import CheckpointEvent, OutputEvent, ProgressEvent, StartEvent, parse_line
 
@@ -28,46 +24,16 @@ BUCKET = "finetunes"
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if server is None:
-        pytest.fail("moto_server not installed (the dev extra's moto[server])")
-    port = free_port()
-    process = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("moto_server did not start")
-            time.sleep(0.2)
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
+def s3_server() -> Iterator[S3Server]:
+    with running_s3_server(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": s3_endpoint,
-    }
-    for name, value in credentials.items():
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
+    return s3_server.filesystem()
 
 
 def _read_until_checkpoint(process: subprocess.Popen[str], epoch: int) -> list[str]:
