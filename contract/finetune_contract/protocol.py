@@ -5,7 +5,7 @@ output and passes through untouched. An event line carries `"ftj": <protocol ver
 The operator ignores lines without `ftj`, lines it cannot parse, and event names it does not know, so a newer
 trainer never breaks an older operator.
 
-    {"ftj": 1, "event": "start", "world_size": 8, "total_steps": 300, "epochs": 3, "resolved": {...}}
+    {"ftj": 1, "event": "start", "world_size": 8, "total_steps": 300, "epochs": 3}
     {"ftj": 1, "event": "progress", "step": 40, "total_steps": 300, "epoch": 0.4, "loss": 1.93, ...}
     {"ftj": 1, "event": "eval", "epoch": 1, "eval_loss": 1.71, "perplexity": 5.5}
     {"ftj": 1, "event": "sample", "epoch": 1, "prompt": "...", "completion": "..."}
@@ -61,7 +61,6 @@ class StartEvent(_Event):
     world_size: int
     total_steps: int
     epochs: int
-    resolved: ResolvedRun | None = None
 
 
 class ProgressEvent(_Event):

@@ -13,11 +13,11 @@ from typing import Any
 import kopf
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.conventions import JOB_NAME_LABEL, MANAGED_BY_LABEL, MANAGER_NAME
 from finetune_operator.kube import KubeApi, load_client
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.settings import Settings
-from finetune_operator.workload import JOB_NAME_LABEL, MANAGED_BY_LABEL, MANAGER_NAME
 from finetune_operator.workqueue import WorkQueue
 
 

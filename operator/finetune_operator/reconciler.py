@@ -12,29 +12,24 @@ from pydantic import ValidationError
 
 from finetune_operator import lifecycle, metrics
 from finetune_operator.api.spec import FineTuneJobSpec
-from finetune_operator.api.status import FineTuneJobStatus, Phase, Workload
-from finetune_operator.kube import KubeApi, Obj
-from finetune_operator.lifecycle import Action, Decision, Observation
-from finetune_operator.log_follower import LogFollowers, Stream
-from finetune_operator.resolution import InvalidSpec, resolve_trainer_config
-from finetune_operator.settings import Settings
-from finetune_operator.workload import (
+from finetune_operator.api.status import STATE_MACHINE_FIELDS, FineTuneJobStatus, Phase
+from finetune_operator.conventions import (
     COMPONENT_LABEL,
     JOB_NAME_LABEL,
     KUEUE_QUEUE_LABEL,
     TRAINER_CONTAINER,
-    Owner,
-    WorkloadNames,
-    build_config_map,
-    build_service,
-    build_train_job,
-    build_validation_job,
-    workload_names,
+    Component,
 )
+from finetune_operator.kube import KubeApi, Obj
+from finetune_operator.lifecycle import Action, Decision, Observation
+from finetune_operator.lifecycle.observed import completion_index, newest_first
+from finetune_operator.log_follower import LogFollowers, Stream
+from finetune_operator.naming import workload_names
+from finetune_operator.resolution import InvalidSpec, Owner, RunInfo, resolve_run
+from finetune_operator.settings import Settings
+from finetune_operator.workload import build_config_map, build_service, build_train_job, build_validation_job
 
 log = logging.getLogger(__name__)
-# The log follower owns these status fields; a reconcile never writes them back from its (older) read.
-_LOG_OWNED = frozenset(("progress", "logs", "validationSamples"))
 
 
 class Reconciler:
@@ -66,10 +61,10 @@ class Reconciler:
             if finetunejob is not None:
                 self._followers.forget(finetunejob["metadata"]["uid"])
             return None
-        observation, names = self._observe(finetunejob)
+        observation, run = self._observe(finetunejob)
         decision = lifecycle.decide(observation)
-        self._act(finetunejob, observation, decision, names)
-        self._write_status(finetunejob, observation, decision.status, names)
+        self._act(finetunejob, run, decision)
+        self._write_status(finetunejob, observation.status, decision.status)
         for notice in decision.notices:
             self._api.record_event(finetunejob, notice.type, notice.reason, notice.message)
         if decision.status.phase is not observation.status.phase:
@@ -78,70 +73,65 @@ class Reconciler:
             self._follow_rank0_log(finetunejob, observation)
         return decision.requeue_after
 
-    def _observe(self, finetunejob: Obj) -> tuple[Observation, WorkloadNames]:
+    def _observe(self, finetunejob: Obj) -> tuple[Observation, RunInfo | None]:
+        """What the state machine needs, and the FineTuneJob resolved for the builders (None if it cannot be)."""
         metadata = finetunejob["metadata"]
-        namespace, name = metadata["namespace"], metadata["name"]
-        names = workload_names(name)
-        status = _parse_status(finetunejob.get("status"))
+        owner = Owner(
+            name=metadata["name"],
+            namespace=metadata["namespace"],
+            uid=metadata["uid"],
+            labels=metadata.get("labels") or {},
+        )
+        names = workload_names(owner.name)
+        run: RunInfo | None = None
+        spec_error: str | None = None
         try:
             spec: FineTuneJobSpec | None = FineTuneJobSpec.model_validate(finetunejob.get("spec") or {})
         except ValidationError as error:
             # The CRD schema normally stops this; an object stored before a schema change may still get here.
             spec = None
-            spec_error: str | None = f"spec.{_first_error(error)}"
-        else:
-            spec_error = None
+            spec_error = f"spec.{_first_error(error)}"
         if spec is not None:
             try:
-                resolve_trainer_config(name, namespace, spec, self._settings)
+                run = resolve_run(owner, spec, self._settings)
             except InvalidSpec as error:
                 spec_error = str(error)
-        selector = f"{JOB_NAME_LABEL}={name}"
-        pods = self._api.list_pods(namespace, selector)
-        return (
-            Observation(
-                spec=spec,
-                status=status,
-                generation=int(metadata.get("generation", 1)),
-                created_at=metadata.get("creationTimestamp", ""),
-                now=self._clock(),
-                kueue_managed=KUEUE_QUEUE_LABEL in (metadata.get("labels") or {}),
-                spec_error=spec_error,
-                validation_job=self._api.get_job(namespace, names.validation_job),
-                validation_pods=[p for p in pods if _component(p) == "validation"],
-                train_job=self._api.get_job(namespace, names.train_job),
-                train_pods=[p for p in pods if _component(p) == "training"],
-            ),
-            names,
+        pods = self._api.list_pods(owner.namespace, f"{JOB_NAME_LABEL}={owner.name}")
+        observation = Observation(
+            spec=spec,
+            status=_parse_status(finetunejob.get("status")),
+            generation=int(metadata.get("generation", 1)),
+            created_at=metadata.get("creationTimestamp", ""),
+            now=self._clock(),
+            names=names,
+            kueue_managed=KUEUE_QUEUE_LABEL in owner.labels,
+            spec_error=spec_error,
+            validation_job=self._api.get_job(owner.namespace, names.validation_job),
+            validation_pods=[p for p in pods if _component(p) == Component.VALIDATION],
+            train_job=self._api.get_job(owner.namespace, names.train_job),
+            train_pods=[p for p in pods if _component(p) == Component.TRAINING],
         )
+        return observation, run
 
-    def _act(self, finetunejob: Obj, obs: Observation, decision: Decision, names: WorkloadNames) -> None:
+    def _act(self, finetunejob: Obj, run: RunInfo | None, decision: Decision) -> None:
         metadata = finetunejob["metadata"]
-        namespace = metadata["namespace"]
-        owner = Owner(
-            name=metadata["name"],
-            namespace=namespace,
-            uid=metadata["uid"],
-            labels=metadata.get("labels") or {},
-        )
-        spec = obs.spec
+        namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
+        names = workload_names(name)
         for action in decision.actions:
-            log.info("%s/%s: %s", namespace, owner.name, action.value)
-            if action is Action.CREATE_VALIDATION and spec is not None:
-                config = resolve_trainer_config(owner.name, namespace, spec, self._settings)
-                self._api.create(build_config_map(owner, config))
-                self._api.create(build_validation_job(owner, spec, self._settings, names))
-            elif action is Action.CREATE_TRAINING and spec is not None:
-                config = resolve_trainer_config(owner.name, namespace, spec, self._settings)
-                self._api.create(build_config_map(owner, config))
-                service = build_service(owner, spec, self._settings, names)
+            log.info("%s/%s: %s", namespace, name, action.value)
+            if action is Action.CREATE_VALIDATION and run is not None:
+                self._api.create(build_config_map(run))
+                self._api.create(build_validation_job(run))
+            elif action is Action.CREATE_TRAINING and run is not None:
+                self._api.create(build_config_map(run))
+                service = build_service(run)
                 if service is not None:
                     self._api.create(service)
-                self._api.create(build_train_job(owner, spec, self._settings, names, suspend=spec.suspend))
+                self._api.create(build_train_job(run))
             elif action in (Action.SUSPEND_TRAINING, Action.RESUME_TRAINING):
                 self._api.set_job_suspend(namespace, names.train_job, action is Action.SUSPEND_TRAINING)
             elif action is Action.DELETE_WORKLOAD:
-                self._followers.forget(owner.uid)
+                self._followers.forget(uid)
                 self._api.delete_children(
                     namespace,
                     jobs=[names.train_job, names.validation_job],
@@ -149,21 +139,15 @@ class Reconciler:
                     config_maps=[names.config_map],
                 )
             elif action is Action.DELETE_FINETUNEJOB:
-                self._followers.forget(owner.uid)
-                self._api.delete_finetunejob(namespace, owner.name)
+                self._followers.forget(uid)
+                self._api.delete_finetunejob(namespace, name)
 
-    def _write_status(self, finetunejob: Obj, obs: Observation, after: FineTuneJobStatus, names: WorkloadNames) -> None:
-        before = obs.status
-        if obs.train_job is not None and after.workload is None and obs.spec is not None:
-            service = names.service if obs.spec.resources.nodes > 1 else None
-            workload = Workload(job=names.train_job, service=service, config_map=names.config_map)
-            after = after.model_copy(update={"workload": workload})
-        old = _status_dict(before)
-        new = _status_dict(after)
-        patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v and k not in _LOG_OWNED}
-        patch.update({k: None for k in old if k not in new and k not in _LOG_OWNED})
-        if after.phase is Phase.SUCCEEDED and before.phase is not Phase.SUCCEEDED and after.progress is not None:
-            patch["progress"] = {"percent": 100}
+    def _write_status(self, finetunejob: Obj, before: FineTuneJobStatus, after: FineTuneJobStatus) -> None:
+        """One merge patch of the fields the state machine owns that changed; nothing when none did."""
+        old = _owned(before)
+        new = _owned(after)
+        patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+        patch.update({k: None for k in old if k not in new})
         if patch:
             metadata = finetunejob["metadata"]
             self._api.patch_finetunejob_status(metadata["namespace"], metadata["name"], patch)
@@ -173,8 +157,8 @@ class Reconciler:
         started = ("Running", "Succeeded", "Failed")
         rank0 = [
             pod
-            for pod in lifecycle.newest_first(obs.train_pods)
-            if lifecycle.completion_index(pod) == 0 and pod.get("status", {}).get("phase") in started
+            for pod in newest_first(obs.train_pods)
+            if completion_index(pod) == 0 and pod.get("status", {}).get("phase") in started
         ]
         if not rank0:
             return
@@ -198,8 +182,10 @@ def _parse_status(raw: Any) -> FineTuneJobStatus:
         return FineTuneJobStatus()
 
 
-def _status_dict(status: FineTuneJobStatus) -> dict[str, Any]:
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+def _owned(status: FineTuneJobStatus) -> dict[str, Any]:
+    """The state machine's fields of `status`, as JSON (camelCase)."""
+    dumped = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {key: value for key, value in dumped.items() if key in STATE_MACHINE_FIELDS}
 
 
 def _component(pod: Obj) -> str | None:

@@ -1,15 +1,24 @@
-"""From a FineTuneJob's spec to the trainer's input: the operator's defaults, and the checks CEL cannot do.
+"""A FineTuneJob resolved once per reconcile: the one value every workload builder takes.
 
-The CRD schema rejects most bad specs at `kubectl apply`. What is left needs the operator's settings
-(default weights and destination) or more than a regular expression (addresses in URIs); a failure here is
-the user's to fix, so the operator reports it as phase Failed and never retries it.
+As Kubeflow Trainer resolves a TrainJob into `runtime.Info` before its plugins run, `resolve_run` turns the
+FineTuneJob's metadata and spec, with the operator's settings, into a `RunInfo`: the owner, the child names, the
+trainer's input file (with default weights and destination filled in), the image and the claims to mount.
+
+The CRD schema rejects most bad specs at `kubectl apply`. What is left needs the operator's settings (default
+weights and destination) or more than a regular expression (addresses in URIs); a failure here is the user's to
+fix, so it raises `InvalidSpec` naming the field, which the operator reports as phase Failed and never retries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from finetune_contract.trainer_config import TrainerConfig
-from finetune_contract.uris import DATA_SCHEMES, DESTINATION_SCHEMES, WEIGHTS_SCHEMES, check_uri
+from finetune_contract.uris import DATA_SCHEMES, DESTINATION_SCHEMES, WEIGHTS_SCHEMES, check_uri, pvc_claim
 from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.conventions import KUEUE_QUEUE_LABEL
+from finetune_operator.naming import WorkloadNames, workload_names
 from finetune_operator.settings import Settings
 
 
@@ -22,18 +31,58 @@ class InvalidSpec(ValueError):
         self.message = message
 
 
+@dataclass(frozen=True)
+class Owner:
+    """The FineTuneJob's metadata, as far as its children need it."""
+
+    name: str
+    namespace: str
+    uid: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Everything the workload builders need about one FineTuneJob, resolved once."""
+
+    owner: Owner
+    names: WorkloadNames
+    spec: FineTuneJobSpec
+    trainer_config: TrainerConfig
+    image: str
+    # Each claim a pvc:// URI of the job names, sorted, and whether the trainer writes to it.
+    pvc_claims: Mapping[str, bool]
+    settings: Settings
+
+    @property
+    def kueue_queue(self) -> str | None:
+        return self.owner.labels.get(KUEUE_QUEUE_LABEL)
+
+
+def resolve_run(owner: Owner, spec: FineTuneJobSpec, settings: Settings) -> RunInfo:
+    """The FineTuneJob as its children need it; raises InvalidSpec naming the field to fix."""
+    config = resolve_trainer_config(owner.name, owner.namespace, spec, settings)
+    return RunInfo(
+        owner=owner,
+        names=workload_names(owner.name),
+        spec=spec,
+        trainer_config=config,
+        image=spec.image or settings.trainer_image,
+        pvc_claims=_pvc_claims(config),
+        settings=settings,
+    )
+
+
 def resolve_trainer_config(name: str, namespace: str, spec: FineTuneJobSpec, settings: Settings) -> TrainerConfig:
     """The trainer's input for FineTuneJob `namespace/name`; raises InvalidSpec naming the field to fix."""
     _check("spec.input.train_data", spec.input.train_data, DATA_SCHEMES)
     if spec.input.validation_data is not None:
         _check("spec.input.validation_data", spec.input.validation_data, DATA_SCHEMES)
-    weights = resolve_weights(spec, settings)
-    destination = resolve_destination(name, namespace, spec, settings)
     return TrainerConfig(
         input=spec.input,
         model_name=spec.model.name,
-        weights=weights,
-        destination=destination,
+        weights=resolve_weights(spec, settings),
+        destination=resolve_destination(name, namespace, spec, settings),
         nodes=spec.resources.nodes,
         gpus_per_node=spec.resources.gpus_per_node,
         job=f"{namespace}/{name}",
@@ -65,6 +114,18 @@ def resolve_destination(name: str, namespace: str, spec: FineTuneJobSpec, settin
         raise InvalidSpec("spec.destination", "no destination given, and the operator has no default destination")
     default = f"{settings.default_destination.rstrip('/')}/{namespace}/{name}/"
     return _check("spec.destination", default, DESTINATION_SCHEMES, origin="the operator's default destination")
+
+
+def _pvc_claims(config: TrainerConfig) -> dict[str, bool]:
+    claims: dict[str, bool] = {}
+    for uri in (config.input.train_data, config.input.validation_data, config.weights):
+        claim = None if uri is None else pvc_claim(uri)
+        if claim is not None:
+            claims[claim] = False
+    destination_claim = pvc_claim(config.destination)
+    if destination_claim is not None:
+        claims[destination_claim] = True
+    return dict(sorted(claims.items()))
 
 
 def _check(field: str, uri: str, schemes: tuple[str, ...], origin: str | None = None) -> str:

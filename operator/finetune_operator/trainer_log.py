@@ -1,6 +1,8 @@
 """What the rank-0 trainer log says: protocol events folded into status fields, plus a bounded log tail.
 
-Pure: feed it lines, ask it for the status patch. The log follower owns the I/O and the throttling.
+Pure: feed it lines, ask it for the status patch. The log follower owns the I/O and the throttling. These are
+the log follower's status fields (api.status.LOG_FOLLOWER_FIELDS): progress, logs, validationSamples. The output
+is not among them: the state machine reports it from the trainer's termination message, once the Job completed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from typing import Any
 
 from finetune_contract.protocol import (
     EvalEvent,
-    Output,
     OutputEvent,
     ProgressEvent,
     SampleEvent,
@@ -20,7 +21,7 @@ from finetune_contract.protocol import (
     parse_line,
 )
 from finetune_operator.api.status import Progress, ValidationSample
-from finetune_operator.lifecycle import timestamp
+from finetune_operator.timestamps import timestamp
 
 MAX_SAMPLES = 10
 MAX_SAMPLE_CHARS = 2000
@@ -35,7 +36,6 @@ class TrainerLog:
         self._tail_bytes = tail_bytes
         self.progress = Progress()
         self.samples: list[ValidationSample] = []
-        self.output: Output | None = None
         self.events = 0
         self.changed = False
 
@@ -79,7 +79,8 @@ class TrainerLog:
             )
             self.samples = [*self.samples, sample][-MAX_SAMPLES:]
         elif isinstance(event, OutputEvent):
-            self.output = Output.model_validate(event.model_dump(include={"weights", "files", "metrics"}))
+            # The weights are written: training is complete whether or not the last step logged progress.
+            self._update(percent=100, step=self.progress.total_steps, last_heartbeat=heartbeat)
 
     def _update(self, **fields: Any) -> None:
         present = {key: value for key, value in fields.items() if value is not None}
@@ -105,8 +106,6 @@ class TrainerLog:
             patch["progress"] = progress
         if self.samples:
             patch["validationSamples"] = [sample.model_dump(by_alias=True) for sample in self.samples]
-        if self.output is not None:
-            patch["output"] = self.output.model_dump(by_alias=True)
         return patch
 
 

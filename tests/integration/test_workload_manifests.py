@@ -9,17 +9,10 @@ from kubernetes import client
 from testcluster import DevCluster
 
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.resolution import resolve_trainer_config
+from finetune_operator.conventions import KUEUE_QUEUE_LABEL
+from finetune_operator.resolution import Owner, resolve_run
 from finetune_operator.settings import Settings
-from finetune_operator.workload import (
-    KUEUE_QUEUE_LABEL,
-    Owner,
-    build_config_map,
-    build_service,
-    build_train_job,
-    build_validation_job,
-    workload_names,
-)
+from finetune_operator.workload import build_config_map, build_service, build_train_job, build_validation_job
 
 pytestmark = pytest.mark.integration
 
@@ -60,21 +53,20 @@ def assert_kept(ours: Any, theirs: Any, path: str = "") -> None:
 def test_manifests_are_accepted_and_kept_as_written(devcluster: DevCluster, namespace: str) -> None:
     owner = Owner(name="manifests", namespace=namespace, uid="0b5e1f8e-0000-4000-8000-000000000000", labels={})
     queued = Owner(owner.name, namespace, owner.uid, labels={KUEUE_QUEUE_LABEL: "a40"})
-    names = workload_names(owner.name)
-    service = build_service(owner, SPEC, SETTINGS, names)
+    run = resolve_run(owner, SPEC, SETTINGS)
+    service = build_service(run)
     assert service is not None
-    config = resolve_trainer_config(owner.name, namespace, SPEC, SETTINGS)
     core = client.CoreV1Api(devcluster.api)
     batch = client.BatchV1Api(devcluster.api)
     api = devcluster.api
 
     # Dry run: the server validates and defaults, and nothing is left for the garbage collector.
     for manifest, create in (
-        (build_config_map(owner, config), core.create_namespaced_config_map),
+        (build_config_map(run), core.create_namespaced_config_map),
         (service, core.create_namespaced_service),
-        (build_validation_job(owner, SPEC, SETTINGS, names), batch.create_namespaced_job),
-        (build_train_job(owner, SPEC, SETTINGS, names, suspend=False), batch.create_namespaced_job),
-        (build_train_job(queued, SPEC, SETTINGS, names, suspend=False), batch.create_namespaced_job),
+        (build_validation_job(run), batch.create_namespaced_job),
+        (build_train_job(run), batch.create_namespaced_job),
+        (build_train_job(resolve_run(queued, SPEC, SETTINGS)), batch.create_namespaced_job),
     ):
         served = api.sanitize_for_serialization(create(namespace, manifest, dry_run="All"))
         assert_kept(manifest, served)

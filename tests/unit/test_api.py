@@ -28,6 +28,7 @@ from finetune_contract.protocol import (
     termination_message,
 )
 from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.api.status import LOG_FOLLOWER_FIELDS, STATE_MACHINE_FIELDS, FineTuneJobStatus
 
 TRAIN_DATA = "https://data.example/train.jsonl"
 
@@ -221,3 +222,9 @@ def test_termination_message_fits_and_keeps_the_weights() -> None:
 def test_small_termination_message_is_the_whole_output() -> None:
     [output] = [event for event in EVENTS if isinstance(event, OutputEvent)]
     assert parse_termination_message(termination_message(output)) == output
+
+
+def test_every_status_field_has_exactly_one_writer() -> None:
+    wire_names = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
+    assert STATE_MACHINE_FIELDS.isdisjoint(LOG_FOLLOWER_FIELDS)
+    assert wire_names == STATE_MACHINE_FIELDS | LOG_FOLLOWER_FIELDS

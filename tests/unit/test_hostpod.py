@@ -20,21 +20,25 @@ from hostpod import (
 )
 
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.resolution import resolve_trainer_config
+from finetune_operator.resolution import Owner, RunInfo, resolve_run
 from finetune_operator.settings import Settings
-from finetune_operator.workload import Owner, build_config_map, build_train_job, workload_names
+from finetune_operator.workload import build_config_map, build_train_job
 
 IMAGE = read_dockerfile(TRAINER_DOCKERFILE)
 SETTINGS = Settings(default_destination="s3://outputs")
 OWNER = Owner(name="tiny", namespace="research", uid="uid-1", labels={})
 
 
-def trainer_pod(index: int = 0, **resources: Any) -> dict[str, Any]:
-    """A pod of the training Job the operator builds for a CPU job, as the Job controller would create it."""
+def cpu_run(**resources: Any) -> RunInfo:
     spec = FineTuneJobSpec.model_validate(
         {"input": {"train_data": "s3://data/train.jsonl"}, "resources": {"gpusPerNode": 0, **resources}}
     )
-    template = build_train_job(OWNER, spec, SETTINGS, workload_names(OWNER.name), False)["spec"]["template"]
+    return resolve_run(OWNER, spec, SETTINGS)
+
+
+def trainer_pod(index: int = 0, **resources: Any) -> dict[str, Any]:
+    """A pod of the training Job the operator builds for a CPU job, as the Job controller would create it."""
+    template = build_train_job(cpu_run(**resources))["spec"]["template"]
     return {
         "metadata": {
             "name": f"tiny-train-{index}-abcde",
@@ -48,9 +52,7 @@ def trainer_pod(index: int = 0, **resources: Any) -> dict[str, Any]:
 
 
 def input_objects(headless_services: frozenset[str] = frozenset()) -> ClusterObjects:
-    spec = FineTuneJobSpec.model_validate({"input": {"train_data": "s3://data/train.jsonl"}})
-    config = resolve_trainer_config(OWNER.name, OWNER.namespace, spec, SETTINGS)
-    config_map = build_config_map(OWNER, config)
+    config_map = build_config_map(cpu_run())
     return ClusterObjects(
         config_maps={config_map["metadata"]["name"]: {k: v.encode() for k, v in config_map["data"].items()}},
         headless_services=headless_services,

@@ -18,7 +18,9 @@ from finetune_contract.protocol import (
 )
 from finetune_operator.api.spec import FineTuneJobSpec, Resources
 from finetune_operator.api.status import ConditionType, FineTuneJobStatus, Phase
-from finetune_operator.lifecycle import Action, Decision, Observation, decide, timestamp
+from finetune_operator.lifecycle import Action, Decision, Observation, decide
+from finetune_operator.naming import workload_names
+from finetune_operator.timestamps import timestamp
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 CREATED = timestamp(NOW - timedelta(minutes=10))
@@ -37,6 +39,7 @@ def observe(status: FineTuneJobStatus | None = None, **changes: Any) -> Observat
         "generation": 1,
         "created_at": CREATED,
         "now": NOW,
+        "names": workload_names("demo"),
     }
     fields.update(changes)
     return Observation(**fields)

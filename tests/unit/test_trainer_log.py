@@ -12,6 +12,7 @@ from finetune_contract.protocol import (
     StartEvent,
     encode,
 )
+from finetune_operator.api.status import LOG_FOLLOWER_FIELDS
 from finetune_operator.trainer_log import MAX_SAMPLES, TrainerLog
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
@@ -54,11 +55,10 @@ def test_progress_events_become_status_progress() -> None:
     assert log.events == 3
 
 
-def test_samples_and_output_are_kept() -> None:
+def test_the_newest_samples_are_kept() -> None:
     log = TrainerLog(tail_lines=40, tail_bytes=8192)
     for epoch in range(MAX_SAMPLES + 2):
         log.feed(encode(SampleEvent(epoch=epoch, prompt="Q", completion=f"A{epoch}")), NOW)
-    log.feed(encode(OutputEvent(weights="s3://b/ns/job/", metrics={"train_loss": 1.1})), NOW)
     patch = log.status_patch()
     assert len(patch["validationSamples"]) == MAX_SAMPLES
     assert patch["validationSamples"][-1] == {
@@ -66,7 +66,29 @@ def test_samples_and_output_are_kept() -> None:
         "prompt": "Q",
         "completion": f"A{MAX_SAMPLES + 1}",
     }
-    assert patch["output"] == {"weights": "s3://b/ns/job/", "files": [], "metrics": {"train_loss": 1.1}}
+
+
+def test_the_output_event_completes_progress_and_leaves_the_output_to_the_state_machine() -> None:
+    log = TrainerLog(tail_lines=40, tail_bytes=8192)
+    log.feed(encode(StartEvent(world_size=8, total_steps=30, epochs=3)), NOW)
+    log.feed(encode(ProgressEvent(step=29, total_steps=30, epoch=2.9, loss=1.2)), NOW)
+    log.feed(encode(OutputEvent(weights="s3://b/ns/job/", metrics={"train_loss": 1.1})), NOW)
+    patch = log.status_patch()
+    assert (patch["progress"]["step"], patch["progress"]["percent"]) == (30, 100)
+    assert "output" not in patch
+
+
+def test_the_log_follower_writes_only_its_own_status_fields() -> None:
+    log = TrainerLog(tail_lines=40, tail_bytes=8192)
+    for event in (
+        StartEvent(world_size=8, total_steps=30, epochs=3),
+        ProgressEvent(step=3, total_steps=30, epoch=0.3, loss=1.9),
+        EvalEvent(epoch=1, eval_loss=1.7),
+        SampleEvent(epoch=1, prompt="Q", completion="A"),
+        OutputEvent(weights="s3://b/ns/job/"),
+    ):
+        log.feed(encode(event), NOW)
+    assert set(log.status_patch()) == LOG_FOLLOWER_FIELDS
 
 
 def test_log_tail_stays_within_its_line_and_byte_bounds() -> None:

@@ -10,23 +10,23 @@ import pytest
 
 from finetune_contract.protocol import EXIT_USER_ERROR
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.resolution import InvalidSpec, resolve_trainer_config
-from finetune_operator.settings import Settings
-from finetune_operator.workload import (
+from finetune_operator.conventions import (
     COMPONENT_LABEL,
     JOB_NAME_LABEL,
     KUEUE_QUEUE_LABEL,
     MANAGED_BY_LABEL,
-    TRAINER_ARGV,
     TRAINER_CONTAINER,
     Component,
-    Owner,
+)
+from finetune_operator.naming import component_selector, workload_names
+from finetune_operator.resolution import InvalidSpec, Owner, RunInfo, resolve_run, resolve_trainer_config
+from finetune_operator.settings import Settings
+from finetune_operator.workload import (
+    TRAINER_ARGV,
     build_config_map,
     build_service,
     build_train_job,
     build_validation_job,
-    component_selector,
-    workload_names,
 )
 
 SETTINGS = Settings(
@@ -35,8 +35,11 @@ SETTINGS = Settings(
     master_port=29500,
 )
 OWNER = Owner(name="llama-demo", namespace="research", uid="5f2c9e4e-uid", labels={})
-NAMES = workload_names(OWNER.name)
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def run_of(spec: FineTuneJobSpec, owner: Owner = OWNER, settings: Settings = SETTINGS) -> RunInfo:
+    return resolve_run(owner, spec, settings)
 
 
 def make_spec(**fields: Any) -> FineTuneJobSpec:
@@ -69,13 +72,7 @@ def test_children_have_deterministic_names() -> None:
 
 
 def test_qlora_job_requests_eight_a40s() -> None:
-    job = build_train_job(
-        OWNER,
-        make_spec(input={"train_data": "s3://b/t.jsonl", "peft_method": "qlora"}),
-        SETTINGS,
-        NAMES,
-        False,
-    )
+    job = build_train_job(run_of(make_spec(input={"train_data": "s3://b/t.jsonl", "peft_method": "qlora"})))
     amounts = {"cpu": "32", "memory": "192Gi", "nvidia.com/gpu": "8"}
     assert trainer(job)["resources"] == {"requests": amounts, "limits": amounts}
     assert pod_spec(job)["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A40"}
@@ -86,8 +83,8 @@ def test_qlora_job_requests_eight_a40s() -> None:
 
 def test_single_node_job_runs_torchrun_locally_without_a_service() -> None:
     spec = make_spec()
-    job = build_train_job(OWNER, spec, SETTINGS, NAMES, False)
-    assert build_service(OWNER, spec, SETTINGS, NAMES) is None
+    job = build_train_job(run_of(spec))
+    assert build_service(run_of(spec)) is None
     assert "subdomain" not in pod_spec(job)
     assert trainer(job)["command"] == list(TRAINER_ARGV)
     assert env_of(trainer(job)) == {
@@ -106,8 +103,8 @@ def test_training_pods_run_the_trainer_launcher_which_starts_torchrun_itself() -
 
 def test_two_node_job_wires_torchrun_through_headless_service() -> None:
     spec = make_spec(resources={"nodes": 2})
-    job = build_train_job(OWNER, spec, SETTINGS, NAMES, False)
-    service = build_service(OWNER, spec, SETTINGS, NAMES)
+    job = build_train_job(run_of(spec))
+    service = build_service(run_of(spec))
 
     assert service is not None
     assert service["metadata"]["name"] == "llama-demo-workers"
@@ -130,16 +127,16 @@ def test_kueue_label_is_copied_and_job_created_suspended() -> None:
     owner = Owner(
         name="llama-demo", namespace="research", uid="u", labels={KUEUE_QUEUE_LABEL: "a40-queue", "team": "x"}
     )
-    job = build_train_job(owner, make_spec(), SETTINGS, NAMES, suspend=False)
+    job = build_train_job(run_of(make_spec(), owner=owner))
     assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "a40-queue"
     assert "team" not in job["metadata"]["labels"]
     assert job["spec"]["suspend"] is True
 
 
 def test_job_without_queue_runs_unless_suspended() -> None:
-    assert build_train_job(OWNER, make_spec(), SETTINGS, NAMES, suspend=False)["spec"]["suspend"] is False
-    assert build_train_job(OWNER, make_spec(), SETTINGS, NAMES, suspend=True)["spec"]["suspend"] is True
-    assert KUEUE_QUEUE_LABEL not in build_train_job(OWNER, make_spec(), SETTINGS, NAMES, False)["metadata"]["labels"]
+    assert build_train_job(run_of(make_spec()))["spec"]["suspend"] is False
+    assert build_train_job(run_of(make_spec().model_copy(update={"suspend": True})))["spec"]["suspend"] is True
+    assert KUEUE_QUEUE_LABEL not in build_train_job(run_of(make_spec()))["metadata"]["labels"]
 
 
 def test_user_error_exit_code_fails_job_without_retry() -> None:
@@ -147,7 +144,7 @@ def test_user_error_exit_code_fails_job_without_retry() -> None:
         "action": "FailJob",
         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_USER_ERROR]},
     }
-    train = build_train_job(OWNER, make_spec(backoffLimit=5), SETTINGS, NAMES, False)
+    train = build_train_job(run_of(make_spec(backoffLimit=5)))
     assert train["spec"]["backoffLimit"] == 5
     assert train["spec"]["podFailurePolicy"] == {
         "rules": [
@@ -156,20 +153,20 @@ def test_user_error_exit_code_fails_job_without_retry() -> None:
         ]
     }
     assert pod_spec(train)["restartPolicy"] == "Never"
-    validation = build_validation_job(OWNER, make_spec(), SETTINGS, NAMES)
+    validation = build_validation_job(run_of(make_spec()))
     assert validation["spec"]["podFailurePolicy"] == {"rules": [fail_on_user_error]}
     assert validation["spec"]["backoffLimit"] == 2
     assert pod_spec(validation)["restartPolicy"] == "Never"
 
 
 def test_deadline_is_passed_to_the_job_only_when_set() -> None:
-    assert "activeDeadlineSeconds" not in build_train_job(OWNER, make_spec(), SETTINGS, NAMES, False)["spec"]
-    job = build_train_job(OWNER, make_spec(activeDeadlineSeconds=21600), SETTINGS, NAMES, False)
+    assert "activeDeadlineSeconds" not in build_train_job(run_of(make_spec()))["spec"]
+    job = build_train_job(run_of(make_spec(activeDeadlineSeconds=21600)))
     assert job["spec"]["activeDeadlineSeconds"] == 21600
 
 
 def test_validation_runs_on_cpu_only() -> None:
-    job = build_validation_job(OWNER, make_spec(), SETTINGS, NAMES)
+    job = build_validation_job(run_of(make_spec()))
     container = trainer(job)
     assert container["command"] == ["finetune-trainer", "validate", "--input", "/etc/finetune/input.json"]
     assert container["resources"] == {
@@ -191,7 +188,7 @@ def test_spec_placement_is_added_to_the_gpu_defaults() -> None:
             "priorityClassName": "training-low",
         }
     )
-    job = build_train_job(OWNER, spec, SETTINGS, NAMES, False)
+    job = build_train_job(run_of(spec))
     assert pod_spec(job)["nodeSelector"] == {
         "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
         "pool": "train",
@@ -209,13 +206,13 @@ def test_spec_placement_is_added_to_the_gpu_defaults() -> None:
 
 def test_cpu_shape_requests_no_gpu_and_runs_one_process_per_pod() -> None:
     spec = make_spec(resources={"gpusPerNode": 0, "cpu": "4", "memory": "16Gi"})
-    job = build_train_job(OWNER, spec, SETTINGS, NAMES, False)
+    job = build_train_job(run_of(spec))
     amounts = {"cpu": "4", "memory": "16Gi"}
     assert trainer(job)["resources"] == {"requests": amounts, "limits": amounts}
     assert not {"nodeSelector", "tolerations", "affinity"} & set(pod_spec(job))
     env = env_of(trainer(job))
     assert (env["NNODES"], env["NPROC_PER_NODE"], env["OMP_NUM_THREADS"]) == ("1", "1", "4")
-    config = resolve_trainer_config(OWNER.name, OWNER.namespace, spec, SETTINGS)
+    config = run_of(spec).trainer_config
     assert (config.gpus_per_node, config.world_size) == (0, 1)
 
 
@@ -226,15 +223,15 @@ def test_cpu_shape_runs_validation_and_training_where_the_spec_places_them() -> 
     }
     spec = make_spec(resources={"gpusPerNode": 0, **placement})
     for job in (
-        build_train_job(OWNER, spec, SETTINGS, NAMES, False),
-        build_validation_job(OWNER, spec, SETTINGS, NAMES),
+        build_train_job(run_of(spec)),
+        build_validation_job(run_of(spec)),
     ):
         assert {key: pod_spec(job)[key] for key in placement} == placement
         assert "nvidia.com/gpu" not in trainer(job)["resources"]["limits"]
 
 
 def test_cpu_pods_of_a_multi_node_job_prefer_a_node_each() -> None:
-    job = build_train_job(OWNER, make_spec(resources={"gpusPerNode": 0, "nodes": 2}), SETTINGS, NAMES, False)
+    job = build_train_job(run_of(make_spec(resources={"gpusPerNode": 0, "nodes": 2})))
     assert pod_spec(job)["affinity"] == {
         "podAntiAffinity": {
             "preferredDuringSchedulingIgnoredDuringExecution": [
@@ -249,16 +246,12 @@ def test_cpu_pods_of_a_multi_node_job_prefer_a_node_each() -> None:
         }
     }
     assert env_of(trainer(job))["NPROC_PER_NODE"] == "1"
-    assert "affinity" not in pod_spec(build_train_job(OWNER, make_spec(resources={"nodes": 2}), SETTINGS, NAMES, False))
+    assert "affinity" not in pod_spec(build_train_job(run_of(make_spec(resources={"nodes": 2}))))
 
 
 @pytest.mark.parametrize("build", ["validation", "training"])
 def test_trainer_pods_run_restricted(build: str) -> None:
-    job = (
-        build_validation_job(OWNER, make_spec(), SETTINGS, NAMES)
-        if build == "validation"
-        else build_train_job(OWNER, make_spec(), SETTINGS, NAMES, False)
-    )
+    job = build_validation_job(run_of(make_spec())) if build == "validation" else build_train_job(run_of(make_spec()))
     assert pod_spec(job)["securityContext"] == {
         "runAsNonRoot": True,
         "runAsUser": 1000,
@@ -277,13 +270,13 @@ def test_trainer_pods_run_restricted(build: str) -> None:
 
 def test_trainer_service_account_comes_from_settings() -> None:
     settings = SETTINGS.model_copy(update={"trainer_service_account": "trainer-storage"})
-    job = build_train_job(OWNER, make_spec(), settings, NAMES, False)
+    job = build_train_job(run_of(make_spec(), settings=settings))
     assert pod_spec(job)["serviceAccountName"] == "trainer-storage"
     assert "automountServiceAccountToken" not in pod_spec(job)
 
 
 def test_training_pods_mount_input_shared_memory_scratch_and_workspace() -> None:
-    job = build_train_job(OWNER, make_spec(resources={"sharedMemory": "64Gi"}), SETTINGS, NAMES, False)
+    job = build_train_job(run_of(make_spec(resources={"sharedMemory": "64Gi"})))
     assert pod_spec(job)["volumes"] == [
         {"name": "input", "configMap": {"name": "llama-demo-input"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}},
@@ -308,8 +301,8 @@ def test_pvc_claims_are_mounted_read_only_except_the_destination() -> None:
         destination="pvc://outputs/runs/",
     )
     for job in (
-        build_train_job(OWNER, spec, SETTINGS, NAMES, False),
-        build_validation_job(OWNER, spec, SETTINGS, NAMES),
+        build_train_job(run_of(spec)),
+        build_validation_job(run_of(spec)),
     ):
         claims = [volume for volume in pod_spec(job)["volumes"] if "persistentVolumeClaim" in volume]
         assert claims == [
@@ -327,7 +320,7 @@ def test_pvc_claims_are_mounted_read_only_except_the_destination() -> None:
 
 def test_a_claim_shared_by_data_and_destination_is_mounted_once_writable() -> None:
     spec = make_spec(input={"train_data": "pvc://work/data/train.jsonl"}, destination="pvc://work/out/")
-    job = build_train_job(OWNER, spec, SETTINGS, NAMES, False)
+    job = build_train_job(run_of(spec))
     claims = [volume for volume in pod_spec(job)["volumes"] if "persistentVolumeClaim" in volume]
     assert claims == [{"name": "pvc-0", "persistentVolumeClaim": {"claimName": "work"}}]
 
@@ -342,8 +335,8 @@ def test_secrets_only_by_reference() -> None:
         imagePullSecrets=[{"name": "registry"}],
     )
     for job in (
-        build_train_job(OWNER, spec, SETTINGS, NAMES, False),
-        build_validation_job(OWNER, spec, SETTINGS, NAMES),
+        build_train_job(run_of(spec)),
+        build_validation_job(run_of(spec)),
     ):
         container = trainer(job)
         assert container["env"][-2:] == [
@@ -352,29 +345,32 @@ def test_secrets_only_by_reference() -> None:
         ]
         assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
         assert pod_spec(job)["imagePullSecrets"] == [{"name": "registry"}]
-    config_map = build_config_map(OWNER, resolve_trainer_config(OWNER.name, OWNER.namespace, spec, SETTINGS))
+    config_map = build_config_map(run_of(spec))
     assert "hub" not in json.dumps(config_map)
     assert "s3-credentials" not in json.dumps(config_map)
 
 
 def test_config_map_holds_the_resolved_trainer_input() -> None:
-    config = resolve_trainer_config(OWNER.name, OWNER.namespace, make_spec(), SETTINGS)
-    config_map = build_config_map(OWNER, config)
+    run = run_of(make_spec())
+    config_map = build_config_map(run)
     assert config_map["metadata"]["name"] == "llama-demo-input"
     assert list(config_map["data"]) == ["input.json"]
-    assert json.loads(config_map["data"]["input.json"]) == json.loads(config.model_dump_json())
+    stored = json.loads(config_map["data"]["input.json"])
+    assert stored == json.loads(
+        resolve_trainer_config(OWNER.name, OWNER.namespace, run.spec, SETTINGS).model_dump_json()
+    )
+    assert stored["destination"] == "s3://finetunes/research/llama-demo/"
 
 
 def test_every_child_is_labelled_and_owned_by_the_finetunejob() -> None:
     spec = make_spec(resources={"nodes": 2})
-    config = resolve_trainer_config(OWNER.name, OWNER.namespace, spec, SETTINGS)
-    service = build_service(OWNER, spec, SETTINGS, NAMES)
+    service = build_service(run_of(spec))
     assert service is not None
     children = {
-        "input": build_config_map(OWNER, config),
-        "validation": build_validation_job(OWNER, spec, SETTINGS, NAMES),
+        "input": build_config_map(run_of(spec)),
+        "validation": build_validation_job(run_of(spec)),
         "rendezvous": service,
-        "training": build_train_job(OWNER, spec, SETTINGS, NAMES, False),
+        "training": build_train_job(run_of(spec)),
     }
     for component, child in children.items():
         labels = {
@@ -401,7 +397,7 @@ def test_every_child_is_labelled_and_owned_by_the_finetunejob() -> None:
 
 
 def test_training_pods_are_selected_by_component() -> None:
-    job = build_train_job(OWNER, make_spec(), SETTINGS, NAMES, False)
+    job = build_train_job(run_of(make_spec()))
     selector = component_selector(OWNER.name, Component.TRAINING)
     assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
 
@@ -423,7 +419,7 @@ def test_long_names_stay_valid_dns_labels(name: str) -> None:
     # Indexed Job pods are named <job>-<index> (nodes <= 64), and that hostname is a DNS label too.
     assert len(f"{names.train_job}-63") <= 63
     owner = Owner(name=name, namespace="ns", uid="u", labels={})
-    labels = build_train_job(owner, make_spec(), SETTINGS, names, False)["metadata"]["labels"]
+    labels = build_train_job(run_of(make_spec(), owner=owner))["metadata"]["labels"]
     assert all(len(value) <= 63 for value in labels.values())
 
 
@@ -437,19 +433,13 @@ def test_shortened_names_stay_unique() -> None:
 def test_invalid_spec_is_reported_before_any_manifest() -> None:
     settings = SETTINGS.model_copy(update={"default_destination": None})
     with pytest.raises(InvalidSpec, match=r"^spec\.destination: "):
-        build_train_job(OWNER, make_spec(), settings, NAMES, False)
+        resolve_run(OWNER, make_spec(), settings)
 
 
 def test_manifests_are_deterministic() -> None:
     spec = make_spec(resources={"nodes": 3, "nodeSelector": {"b": "2", "a": "1"}})
-    first = json.dumps(build_train_job(OWNER, spec, SETTINGS, NAMES, False))
+    first = json.dumps(build_train_job(run_of(spec)))
     second = json.dumps(
-        build_train_job(
-            OWNER,
-            make_spec(resources={"nodes": 3, "nodeSelector": {"a": "1", "b": "2"}}),
-            SETTINGS,
-            NAMES,
-            False,
-        )
+        build_train_job(run_of(make_spec(resources={"nodes": 3, "nodeSelector": {"a": "1", "b": "2"}})))
     )
     assert first == second

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune_contract.protocol import EvalEvent, ProgressEvent, ResolvedRun, SampleEvent, StartEvent
+from finetune_contract.protocol import EvalEvent, ProgressEvent, SampleEvent, StartEvent
 from finetune_trainer.events import emit, rank
 
 SAMPLE_MAX_NEW_TOKENS = 128
@@ -17,8 +17,8 @@ SAMPLE_MAX_NEW_TOKENS = 128
 class ProgressCallback(TrainerCallback):
     """start, progress and eval events from the Trainer's own state and logs."""
 
-    def __init__(self, resolved: ResolvedRun) -> None:
-        self.resolved = resolved
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
         self._started = time.monotonic()
         self._first_step = 0
         self._last_time = self._started
@@ -27,17 +27,7 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._started = self._last_time = time.monotonic()
         self._first_step = state.global_step
-        resolved = self.resolved.model_copy(
-            update={"steps_per_epoch": math.ceil(state.max_steps / args.num_train_epochs)}
-        )
-        emit(
-            StartEvent(
-                world_size=self.resolved.world_size,
-                total_steps=state.max_steps,
-                epochs=int(args.num_train_epochs),
-                resolved=resolved,
-            )
-        )
+        emit(StartEvent(world_size=self.world_size, total_steps=state.max_steps, epochs=int(args.num_train_epochs)))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         logs = logs or {}

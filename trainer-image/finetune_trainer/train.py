@@ -16,7 +16,7 @@ from typing import Any
 from finetune_contract import protocol
 from finetune_contract.batching import BatchPlan, plan_batches
 from finetune_contract.inputs import TrainingInput
-from finetune_contract.protocol import OutputEvent, OutputFile, ResolvedRun
+from finetune_contract.protocol import OutputEvent, OutputFile
 from finetune_contract.trainer_config import TrainerConfig
 from finetune_trainer import storage
 from finetune_trainer.checkpoints import CheckpointCallback, fetch_checkpoint, latest_checkpoint
@@ -122,14 +122,6 @@ def run(config: TrainerConfig, workdir: Path) -> TrainingRun:
     set_seed(inputs.seed)
     model = load_base_model(weights, inputs, local_rank())
 
-    resolved = ResolvedRun(
-        world_size=plan.world_size,
-        per_device_batch_size=plan.per_device_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        effective_batch_size=plan.effective_batch_size,
-        train_rows=len(split.train),
-        validation_rows=len(split.validation),
-    )
     from finetune_trainer.callbacks import ProgressCallback, SampleCallback
 
     validate = bool(split.validation) and inputs.run_validation
@@ -137,8 +129,7 @@ def run(config: TrainerConfig, workdir: Path) -> TrainingRun:
     if inputs.validation_prompt:
         callbacks.append(SampleCallback(inputs.validation_prompt, with_validation=validate))
     trainer = build_trainer(inputs, split, model, tokenizer, output_dir=output_dir, callbacks=callbacks)
-    train_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    trainer.add_callback(ProgressCallback(resolved.model_copy(update={"train_tokens": train_tokens})))
+    trainer.add_callback(ProgressCallback(plan.world_size))
 
     resume: str | None = None
     latest = latest_checkpoint(config.destination)

@@ -1,0 +1,162 @@
+"""The phase step: from what was observed, the phase, its reason and message, conditions and the next actions.
+
+Pending -> Validating -> Queued -> Starting -> Running -> Succeeded | Failed | Canceled
+                             \\-> Suspended (spec.suspend) -/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from finetune_contract.protocol import Output
+from finetune_operator.api.status import ConditionType, ErrorInfo, Phase
+from finetune_operator.lifecycle.conditions import condition_status
+from finetune_operator.lifecycle.failure_policy import pod_failure
+from finetune_operator.lifecycle.observation import Action, Observation
+from finetune_operator.lifecycle.observed import (
+    completion_index,
+    deleting,
+    job_condition,
+    pod_phase,
+    rank0_output,
+    unschedulable_message,
+    waiting_message,
+)
+
+# A condition to set: (status, reason, message).
+ConditionValue = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One evaluation of the state machine, before the bookkeeping common to all phases."""
+
+    phase: Phase
+    reason: str
+    message: str
+    conditions: dict[ConditionType, ConditionValue] = field(default_factory=dict)
+    actions: tuple[Action, ...] = ()
+    error: ErrorInfo | None = None
+    output: Output | None = None
+
+
+def evaluate(obs: Observation) -> Step:
+    if obs.spec is None or obs.spec_error is not None:
+        message = obs.spec_error or "the spec cannot be read"
+        return failed(ErrorInfo(reason="InvalidSpec", message=message), validated=False)
+    if obs.spec.cancel:
+        return Step(
+            Phase.CANCELED,
+            "Canceled",
+            "spec.cancel is true: the workload was removed",
+            {
+                ConditionType.CANCELED: ("True", "Canceled", "spec.cancel is true"),
+                ConditionType.RUNNING: ("False", "Canceled", "spec.cancel is true"),
+            },
+            actions=(Action.DELETE_WORKLOAD,),
+        )
+    if condition_status(obs.status, ConditionType.VALIDATED) != "True":
+        return _validation_step(obs)
+    return _training_step(obs)
+
+
+def failed(error: ErrorInfo, validated: bool) -> Step:
+    conditions = {
+        ConditionType.FAILED: ("True", error.reason, error.message),
+        ConditionType.RUNNING: ("False", error.reason, error.message),
+    }
+    if not validated:
+        conditions[ConditionType.VALIDATED] = ("False", error.reason, error.message)
+    return Step(Phase.FAILED, error.reason, error.message, conditions, error=error)
+
+
+def _validation_step(obs: Observation) -> Step:
+    message = "checking the training data on a CPU pod before any GPU is claimed"
+    validating = {ConditionType.VALIDATED: ("Unknown", "ValidatingData", message)}
+    job = obs.validation_job
+    if job is None:
+        return Step(Phase.VALIDATING, "ValidatingData", message, validating, (Action.CREATE_VALIDATION,))
+    if job_condition(job, "Complete"):
+        return _training_step(obs, validated_now=True)
+    if job_condition(job, "Failed"):
+        return failed(pod_failure(job, obs.validation_pods, "ValidationFailed"), validated=False)
+    scheduling = unschedulable_message(obs.validation_pods)
+    if scheduling:
+        message = f"the validation pod cannot be scheduled: {scheduling}"
+        validating = {ConditionType.VALIDATED: ("Unknown", "ValidationUnschedulable", message)}
+    return Step(Phase.VALIDATING, validating[ConditionType.VALIDATED][1], message, validating)
+
+
+def _training_step(obs: Observation, validated_now: bool = False) -> Step:
+    assert obs.spec is not None
+    conditions: dict[ConditionType, ConditionValue] = {}
+    if validated_now:
+        conditions[ConditionType.VALIDATED] = ("True", "DataValid", "the training data passed validation")
+    job = obs.train_job
+    wants_suspend = obs.spec.suspend
+    if job is None:
+        if wants_suspend:
+            conditions[ConditionType.SUSPENDED] = ("True", "Suspended", "spec.suspend is true")
+            return Step(Phase.SUSPENDED, "Suspended", "spec.suspend is true", conditions, (Action.CREATE_TRAINING,))
+        reason, message = _queued_reason(obs)
+        conditions[ConditionType.ADMITTED] = ("False", reason, message)
+        return Step(Phase.QUEUED, reason, message, conditions, (Action.CREATE_TRAINING,))
+
+    if job_condition(job, "Complete"):
+        conditions[ConditionType.RUNNING] = ("False", "TrainingSucceeded", "the trainer finished")
+        conditions[ConditionType.SUCCEEDED] = ("True", "TrainingSucceeded", "the trainer finished")
+        return Step(
+            Phase.SUCCEEDED,
+            "TrainingSucceeded",
+            "the trainer finished and wrote the weights",
+            conditions,
+            output=rank0_output(obs.train_pods),
+        )
+    if job_condition(job, "Failed"):
+        step = failed(pod_failure(job, obs.train_pods, "TrainingFailed"), validated=True)
+        return replace(step, conditions={**conditions, **step.conditions})
+
+    job_suspended = bool(job.get("spec", {}).get("suspend"))
+    actions: tuple[Action, ...] = ()
+    if wants_suspend and not job_suspended:
+        actions = (Action.SUSPEND_TRAINING,)
+    elif not wants_suspend and job_suspended and not obs.kueue_managed:
+        actions = (Action.RESUME_TRAINING,)
+    if wants_suspend:
+        conditions[ConditionType.SUSPENDED] = ("True", "Suspended", "spec.suspend is true")
+        conditions[ConditionType.RUNNING] = ("False", "Suspended", "spec.suspend is true")
+        return Step(Phase.SUSPENDED, "Suspended", "spec.suspend is true", conditions, actions)
+    if condition_status(obs.status, ConditionType.SUSPENDED) == "True":
+        conditions[ConditionType.SUSPENDED] = ("False", "Resumed", "spec.suspend is false")
+    if job_suspended:
+        reason, message = _queued_reason(obs)
+        conditions[ConditionType.ADMITTED] = ("False", reason, message)
+        return Step(Phase.QUEUED, reason, message, conditions, actions)
+
+    active = [pod for pod in obs.train_pods if pod_phase(pod) in ("Pending", "Running") and not deleting(pod)]
+    unschedulable = unschedulable_message(active)
+    if unschedulable:
+        conditions[ConditionType.ADMITTED] = ("False", "Unschedulable", unschedulable)
+        return Step(Phase.QUEUED, "Unschedulable", unschedulable, conditions, actions)
+    scheduled = (
+        "the trainer pods have their GPUs" if obs.spec.resources.gpus_per_node else "the trainer pods are scheduled"
+    )
+    conditions[ConditionType.ADMITTED] = ("True", "PodsScheduled", scheduled)
+    if any(completion_index(pod) == 0 and pod_phase(pod) == "Running" for pod in active):
+        conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
+        return Step(Phase.RUNNING, "TrainingRunning", "the trainer is running", conditions, actions)
+    if any(completion_index(pod) == 0 and pod_phase(pod) == "Succeeded" for pod in obs.train_pods):
+        # The trainer is done; the Job controller marks the Job Complete a moment later.
+        conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
+        return Step(Phase.RUNNING, "TrainingRunning", "the trainer finished; the Job is completing", conditions)
+    waiting = waiting_message(active)
+    if waiting is None:
+        waiting = "waiting for the trainer pods to start"
+        conditions.pop(ConditionType.ADMITTED)
+    return Step(Phase.STARTING, "PodsStarting", waiting, conditions, actions)
+
+
+def _queued_reason(obs: Observation) -> tuple[str, str]:
+    if obs.kueue_managed:
+        return "AwaitingAdmission", "waiting for Kueue to admit the workload"
+    return "Creating", "creating the training Job"

@@ -1,0 +1,96 @@
+"""`decide`: the phase step, then the bookkeeping every phase shares (conditions, times, GPU-seconds, resolved)."""
+
+from __future__ import annotations
+
+from finetune_operator.api.status import FineTuneJobStatus, Phase, Workload
+from finetune_operator.lifecycle.conditions import set_condition
+from finetune_operator.lifecycle.gpu_seconds import gpu_seconds
+from finetune_operator.lifecycle.notices import retry_notices, transition_notices
+from finetune_operator.lifecycle.observation import Action, Decision, Observation
+from finetune_operator.lifecycle.observed import job_failed_pods, rank0_output
+from finetune_operator.lifecycle.phase import Step, evaluate
+from finetune_operator.lifecycle.resolved import batch_notices, resolve_status
+from finetune_operator.lifecycle.ttl import ttl_after_finished
+from finetune_operator.timestamps import timestamp
+
+# While a job is active, look again this often even without events: gpuSeconds and timeouts move with time.
+ACTIVE_RESYNC_SECONDS = 30.0
+
+
+def decide(obs: Observation) -> Decision:
+    """The status the state machine owns, the actions to take and the Events to record, from one observation."""
+    previous = obs.status
+    if previous.phase.finished:
+        return _after_finish(obs)
+    step = evaluate(obs)
+    status = _bookkeep(obs, step)
+    notices = [*transition_notices(previous, status, step), *retry_notices(obs, previous, status)]
+    if obs.spec is not None and previous.resolved is None and status.resolved is not None:
+        notices.extend(batch_notices(obs.spec, status.resolved))
+    actions = step.actions
+    requeue: float | None = ACTIVE_RESYNC_SECONDS
+    if status.phase.finished:
+        ttl = ttl_after_finished(obs.spec, status, obs.now)
+        actions = (*actions, Action.DELETE_FINETUNEJOB) if ttl.delete_now else actions
+        requeue = ttl.requeue_after
+    return Decision(status=status, actions=actions, notices=tuple(notices), requeue_after=requeue)
+
+
+def _after_finish(obs: Observation) -> Decision:
+    """Finished is final: keep the status, finish removing a canceled workload, honour the TTL."""
+    status = obs.status
+    ttl = ttl_after_finished(obs.spec, status, obs.now)
+    actions: tuple[Action, ...] = (Action.DELETE_FINETUNEJOB,) if ttl.delete_now else ()
+    if status.phase is Phase.CANCELED and (obs.train_job or obs.validation_job):
+        actions = (Action.DELETE_WORKLOAD, *actions)
+    if status.phase is Phase.SUCCEEDED and status.output is None:
+        output = rank0_output(obs.train_pods)
+        if output is not None:
+            status = status.model_copy(update={"output": output})
+    return Decision(status=status, actions=actions, requeue_after=ttl.requeue_after)
+
+
+def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
+    previous = obs.status
+    now = timestamp(obs.now)
+    conditions = list(previous.conditions)
+    for kind, (state, reason, message) in step.conditions.items():
+        conditions = set_condition(
+            conditions, kind=kind, state=state, reason=reason, message=message, now=now, generation=obs.generation
+        )
+    started_at = previous.started_at
+    if step.phase is Phase.RUNNING and started_at is None:
+        started_at = now
+    completed_at = previous.completed_at
+    if step.phase.finished and completed_at is None:
+        completed_at = now
+    spec = obs.spec
+    held = gpu_seconds(spec.resources.gpus_per_node, obs.train_pods, obs.now) if spec is not None else 0
+    restarts = job_failed_pods(obs.train_job)
+    return previous.model_copy(
+        update={
+            "phase": step.phase,
+            "reason": step.reason,
+            "message": step.message,
+            "conditions": conditions,
+            "observed_generation": obs.generation,
+            "created_at": previous.created_at or obs.created_at,
+            "started_at": started_at,
+            "completed_at": completed_at,
+            "gpu_seconds": max(held, previous.gpu_seconds or 0) or previous.gpu_seconds,
+            "restarts": restarts if restarts else previous.restarts,
+            "resolved": resolve_status(spec, obs) if spec is not None else previous.resolved,
+            "error": step.error or (None if step.phase is not Phase.FAILED else previous.error),
+            "output": step.output or previous.output,
+            "workload": _workload(obs) or previous.workload,
+        }
+    )
+
+
+def _workload(obs: Observation) -> Workload | None:
+    """The children that run the training, once the training Job exists."""
+    if obs.train_job is None or obs.spec is None:
+        return None
+    names = obs.names
+    service = names.service if obs.spec.resources.nodes > 1 else None
+    return Workload(job=names.train_job, service=service, config_map=names.config_map)
