@@ -138,7 +138,8 @@ class PodRun:
             code = self._execute(host, logs)
             message = _termination_message(host.termination_log)
             if not message and code != 0 and host.fallback_to_logs:
-                message = "\n".join(self._tail)[-FALLBACK_BYTES:]
+                tail = "\n".join(self._tail).encode()[-FALLBACK_BYTES:]
+                message = tail.decode("utf-8", errors="ignore")
             with self._lock:
                 stopping = self._stopping
             if not stopping:

@@ -150,6 +150,30 @@ def test_pod_runs_its_command_with_env_and_volumes_and_reports_its_exit(
     assert (claim_directory / "written-by-the-pod.txt").read_text() == "from the pod"
 
 
+def test_a_failed_container_without_a_message_reports_the_end_of_its_log(
+    devcluster: DevCluster, namespace: str
+) -> None:
+    core: Any = client.CoreV1Api(devcluster.api)
+    script = "import sys; print('step 1'); print('out of patience', file=sys.stderr); sys.exit(2)"
+    container = {"name": "main", "image": "registry.example/anything:1", "command": ["python3", "-c", script]}
+    for name, policy in (("fallback", "FallbackToLogsOnError"), ("file-only", "File")):
+        spec = {
+            "restartPolicy": "Never",
+            **EXECUTOR_PLACEMENT,
+            "containers": [{**container, "terminationMessagePolicy": policy}],
+        }
+        core.create_namespaced_pod(namespace, {"metadata": {"name": name}, "spec": spec})
+
+    messages = {}
+    for name in ("fallback", "file-only"):
+        pod = wait_for_pod_phase(devcluster.api, namespace, name, ["Failed", "Succeeded"], timeout=60)
+        terminated = pod.status.container_statuses[0].state.terminated
+        assert (pod.status.phase, terminated.exit_code, terminated.reason) == ("Failed", 2, "Error")
+        messages[name] = terminated.message or ""
+    assert sorted(messages["fallback"].splitlines()) == ["out of patience", "step 1"]
+    assert messages["file-only"] == ""
+
+
 def test_deleting_a_pod_kills_its_process(devcluster: DevCluster, namespace: str) -> None:
     core: Any = client.CoreV1Api(devcluster.api)
     sleeper = "import time; print('sleeping', flush=True); time.sleep(600)"
