@@ -1,35 +1,54 @@
-"""kopf glue: watch events become work-queue keys; the reconciler does the rest.
+"""kopf glue: watch events fill the cache and become work-queue keys; the reconciler does the rest.
 
 Only `on.event` handlers are used, as controller-runtime does: no finalizers (deleting a FineTuneJob never waits
-for the operator) and no kopf annotations on users' objects (GitOps tools see no drift).
+for the operator) and no kopf annotations on users' objects (GitOps tools see no drift). They are coroutines, so
+they run on the event loop the work queue lives on. Jobs and pods are watched with a server-side label selector:
+only the operator's own children are streamed and kept.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from aiohttp import web
 
+from finetune_operator import metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.conventions import JOB_NAME_LABEL, MANAGED_BY_LABEL, MANAGER_NAME
+from finetune_operator.api.status import Phase
+from finetune_operator.cache import Cache, finetunejob_key
+from finetune_operator.conventions import MANAGED_BY_LABEL, MANAGER_NAME
+from finetune_operator.health import Health
 from finetune_operator.kube import KubeApi, load_client
 from finetune_operator.log_follower import LogFollowers, Stream
+from finetune_operator.pod_logs import PodLogs
 from finetune_operator.reconciler import Reconciler
+from finetune_operator.replicate_api.server import start_server, trainings_api
 from finetune_operator.settings import Settings
+from finetune_operator.webhooks.dispatcher import WebhookDispatcher
 from finetune_operator.workqueue import WorkQueue
 
-
-def _child_labels() -> Any:
-    # kopf does not export the type of its PRESENT marker.
-    return {MANAGED_BY_LABEL: MANAGER_NAME, JOB_NAME_LABEL: kopf.PRESENT}
+log = logging.getLogger(__name__)
+CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGER_NAME}"
+# Set by the CLI before kopf starts: the probes read the queue through it.
+HEALTH = Health()
 
 
 @dataclass
 class Runtime:
+    cache: Cache
     queue: WorkQueue
     followers: LogFollowers
+    pod_logs: PodLogs
+    api: KubeApi
+    resync: asyncio.Task[None]
+    webhooks: WebhookDispatcher
+    api_server: web.AppRunner | None = None
 
 
 @kopf.on.startup()
@@ -37,42 +56,115 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.watching.label_selectors["batch", "v1", "jobs"] = CHILD_SELECTOR
+    settings.watching.label_selectors["", "v1", "pods"] = CHILD_SELECTOR
     operator_settings = Settings()
-    api = KubeApi(load_client())
+    client = load_client(operator_settings.api_pool_size)
+    api = KubeApi(client, timeout=operator_settings.api_timeout_seconds)
+    cache = Cache()
+    pod_logs = PodLogs(client.configuration)
+    loop = asyncio.get_running_loop()
 
     def stream_ended(stream: Stream) -> None:
         # The trainer stopped: look at the job again now rather than at the next resync.
-        queue.add_threadsafe((stream.namespace, stream.finetunejob))
+        queue.add((stream.namespace, stream.finetunejob))
 
-    followers = LogFollowers(api, operator_settings, on_end=stream_ended)
-    queue = WorkQueue(Reconciler(api, operator_settings, followers).reconcile)
+    followers = LogFollowers(pod_logs, api, operator_settings, on_end=stream_ended, loop=loop)
+    queue = WorkQueue(Reconciler(api, cache, operator_settings, followers).reconcile, operator_settings.workers)
     queue.start()
-    memo["runtime"] = Runtime(queue=queue, followers=followers)
+    HEALTH.stalled = lambda: queue.stalled(operator_settings.health_stall_seconds)
+    for phase in Phase:
+        # Counted when scraped: one pass over the cache, not one per watch event.
+        metrics.FINETUNEJOBS.labels(phase=phase.value).set_function(_phase_count(cache, phase.value))
+    resync = asyncio.create_task(_resync(api, cache, queue, operator_settings.resync_seconds), name="resync")
+    webhooks = WebhookDispatcher(api, operator_settings)
+    await webhooks.start()
+    runtime = memo["runtime"] = Runtime(cache, queue, followers, pod_logs, api, resync, webhooks)
+    # `finetune-operator run --api-listen HOST:PORT`: Replicate's trainings API beside the handlers.
+    if memo.get("api_listen"):
+        server = trainings_api(client, operator_settings, memo.get("namespaces") or ())
+        runtime.api_server = await start_server(server, memo["api_listen"])
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
-    runtime.followers.stop_all()
+    if runtime.api_server is not None:
+        await runtime.api_server.cleanup()
+    runtime.resync.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runtime.resync
+    await runtime.followers.stop_all()
     await runtime.queue.stop()
+    await runtime.webhooks.stop()
+    await runtime.pod_logs.close()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def finetunejob_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    if namespace:
-        _runtime(memo).queue.add((namespace, name))
+async def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    runtime = _runtime(memo)
+    body = _body(event)
+    deleted = event["type"] == "DELETED"
+    if deleted:
+        runtime.cache.remove_finetunejob(body)
+    else:
+        runtime.cache.upsert_finetunejob(body)
+    metadata = body["metadata"]
+    runtime.queue.add((metadata["namespace"], metadata["name"]))
+    runtime.webhooks.observe(body, deleted=deleted)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=_child_labels())
-def job_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    if namespace:
-        _runtime(memo).queue.add((namespace, labels[JOB_NAME_LABEL]))
+@kopf.on.event("batch", "v1", "jobs")
+async def job_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    runtime = _runtime(memo)
+    body = _body(event)
+    if event["type"] == "DELETED":
+        runtime.cache.remove_job(body)
+    else:
+        runtime.cache.upsert_job(body)
+    _enqueue_owner(runtime, body)
 
 
-@kopf.on.event("", "v1", "pods", labels=_child_labels())
-def pod_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    if namespace:
-        _runtime(memo).queue.add((namespace, labels[JOB_NAME_LABEL]))
+@kopf.on.event("", "v1", "pods")
+async def pod_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    runtime = _runtime(memo)
+    body = _body(event)
+    if event["type"] == "DELETED":
+        runtime.cache.remove_pod(body)
+    else:
+        runtime.cache.upsert_pod(body)
+    _enqueue_owner(runtime, body)
+
+
+async def _resync(api: KubeApi, cache: Cache, queue: WorkQueue, interval: float) -> None:
+    """List every child again now and then: a watch that was down may have missed a deletion."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            jobs, pods = await asyncio.to_thread(api.list_children, CHILD_SELECTOR)
+            finetunejobs = await asyncio.to_thread(api.list_finetunejobs)
+        except Exception as error:  # an outage: the next resync tries again
+            log.warning("resync failed: %s", error)
+            continue
+        touched = cache.replace_children(jobs, pods) | cache.replace_finetunejobs(finetunejobs)
+        for key in touched:
+            queue.add(key)
+
+
+def _phase_count(cache: Cache, phase: str) -> Callable[[], float]:
+    return lambda: cache.phase_counts().get(phase, 0)
+
+
+def _enqueue_owner(runtime: Runtime, child: dict[str, Any]) -> None:
+    key = finetunejob_key(child)
+    if key is not None:
+        runtime.queue.add(key)
+
+
+def _body(event: kopf.RawEvent) -> dict[str, Any]:
+    body: dict[str, Any] = dict(event["object"])
+    return body
 
 
 def _runtime(memo: kopf.Memo) -> Runtime:

@@ -1,102 +1,370 @@
-"""The few Kubernetes API calls the operator makes, returning objects as the API server sends them (camelCase)."""
+"""The few Kubernetes API calls the operator makes, returning objects as the API server sends them (camelCase).
+
+Every call has a timeout, and every call is counted by verb and result code. Writes that must not land on a
+re-created namesake are tied to what they were computed for: status patches to the FineTuneJob's
+resourceVersion or UID, deletes to the object's UID (delete preconditions).
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import kubernetes
 from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import ReadTimeoutError
 
+from finetune_operator import metrics
 from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
+from finetune_operator.conventions import MANAGER_NAME
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+T = TypeVar("T")
+
+# The field manager each writer sends (it is in the request URI, so the API server's audit log tells them apart).
+STATE_MACHINE_MANAGER = MANAGER_NAME
+LOG_FOLLOWER_MANAGER = f"{MANAGER_NAME}-log"
+WEBHOOK_MANAGER = f"{MANAGER_NAME}-webhooks"
 
 
-def load_client() -> ApiClient:
+class Conflict(Exception):
+    """The object changed (or was re-created) since it was read: compute again from a fresh read."""
+
+
+class Rejected(Exception):
+    """The API server refused a child for good (422 Invalid, 403 Forbidden by quota or admission policy)."""
+
+    def __init__(self, kind: str, name: str, status: int, message: str) -> None:
+        super().__init__(f"{kind} {name}: {message}")
+        self.kind = kind
+        self.name = name
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Created:
+    """The child the API server holds under the name: the one just created, or one that existed already."""
+
+    object: Obj
+    existed: bool
+
+
+def load_client(pool_size: int = 16) -> ApiClient:
     """In-cluster credentials when running in a pod, else the current KUBECONFIG context."""
+    configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return ApiClient()
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return ApiClient(configuration)
+
+
+def _status_message(error: ApiException) -> str:
+    try:
+        body = json.loads(error.body or "{}")
+    except ValueError:
+        return str(error.reason or error.status)
+    return str(body.get("message") or error.reason or error.status)
+
+
+@dataclass
+class RequestCount:
+    count: int = 0
 
 
 class KubeApi:
-    def __init__(self, client: ApiClient) -> None:
+    def __init__(self, client: ApiClient, timeout: float = 30.0) -> None:
+        self.client = client
         self.core = CoreV1Api(client)
         self.batch = BatchV1Api(client)
         self.custom = CustomObjectsApi(client)
+        self._timeout = timeout
+        self._local = threading.local()
 
-    # FineTuneJobs
-    def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
-        return _or_none(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
-
-    def patch_finetunejob_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[RequestCount]:
+        """Counts the requests this thread makes inside the block (a reconcile runs on one thread)."""
+        counter = RequestCount()
+        self._local.counter = counter
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+            yield counter
+        finally:
+            self._local.counter = None
+
+    def _call(self, verb: str, resource: str, call: Callable[[], T]) -> T:
+        counter: RequestCount | None = getattr(self._local, "counter", None)
+        if counter is not None:
+            counter.count += 1
+        try:
+            result = call()
+        except ApiException as error:
+            metrics.API_REQUESTS.labels(verb=verb, resource=resource, code=str(error.status)).inc()
+            raise
+        except Exception:
+            metrics.API_REQUESTS.labels(verb=verb, resource=resource, code="error").inc()
+            raise
+        metrics.API_REQUESTS.labels(verb=verb, resource=resource, code="200").inc()
+        return result
+
+    # --- FineTuneJobs ------------------------------------------------------------------------------------
+
+    def patch_finetunejob_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str
+    ) -> Obj:
+        """Merge `status` into the FineTuneJob as read at `resource_version`; Conflict if it changed since."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        try:
+            result: Obj = self._call(
+                "patch",
+                "finetunejobs/status",
+                lambda: self.custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    body,
+                    field_manager=STATE_MACHINE_MANAGER,
+                    _content_type="application/merge-patch+json",
+                    _request_timeout=self._timeout,
+                ),
             )
         except ApiException as error:
-            if error.status != 404:
-                raise
+            if error.status in (404, 409):
+                raise Conflict(f"{namespace}/{name} changed since it was read") from error
+            raise
+        return result
 
-    def delete_finetunejob(self, namespace: str, name: str) -> None:
-        _ignore_missing(lambda: self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+    def patch_log_fields(self, namespace: str, name: str, uid: str, fields: Mapping[str, Any]) -> None:
+        """Set the log follower's status fields, only on the FineTuneJob with `uid`."""
+        self._patch_status_fields(namespace, name, uid, fields, LOG_FOLLOWER_MANAGER)
 
-    # Children
-    def get_job(self, namespace: str, name: str) -> Obj | None:
-        return _or_none(lambda: _json(self.batch.read_namespaced_job(name, namespace, _preload_content=False)))
+    def patch_webhook_state(self, namespace: str, name: str, uid: str, fields: Mapping[str, Any]) -> None:
+        """Set the webhook dispatcher's status field, only on the FineTuneJob with `uid`."""
+        self._patch_status_fields(namespace, name, uid, fields, WEBHOOK_MANAGER)
 
-    def list_pods(self, namespace: str, selector: str) -> list[Obj]:
-        response = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
-        items: list[Obj] = _json(response).get("items", [])
+    def _patch_status_fields(
+        self, namespace: str, name: str, uid: str, fields: Mapping[str, Any], manager: str
+    ) -> None:
+        """A JSON patch that first tests the UID: a write for a deleted FineTuneJob never lands on a namesake."""
+        operations: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": uid}]
+        operations += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
+        try:
+            self._call(
+                "patch",
+                "finetunejobs/status",
+                lambda: self.custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    operations,
+                    field_manager=manager,
+                    _content_type="application/json-patch+json",
+                    _request_timeout=self._timeout,
+                ),
+            )
+        except ApiException as error:
+            # 404: deleted. 422 (or 500 from older servers): the test failed, a namesake holds the name now.
+            if error.status in (404, 409, 422, 500):
+                raise Conflict(f"{namespace}/{name} is not the FineTuneJob {uid}") from error
+            raise
+
+    def delete_finetunejob(self, namespace: str, name: str, uid: str) -> None:
+        self._delete(
+            "finetunejobs",
+            lambda options: self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, body=options, _request_timeout=self._timeout
+            ),
+            uid,
+        )
+
+    def list_finetunejobs(self) -> list[Obj]:
+        result: Obj = self._call(
+            "list",
+            "finetunejobs",
+            lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _request_timeout=self._timeout),
+        )
+        items: list[Obj] = result.get("items", [])
         return items
 
-    def container_terminated(self, namespace: str, pod: str, container: str) -> bool:
-        """Whether the container has stopped for good (or its pod is gone)."""
-        found = _or_none(lambda: _json(self.core.read_namespaced_pod(pod, namespace, _preload_content=False)))
-        if found is None:
-            return True
-        for status in found.get("status", {}).get("containerStatuses", []) or []:
-            if status.get("name") == container:
-                return "terminated" in (status.get("state") or {})
-        return found.get("status", {}).get("phase") in ("Succeeded", "Failed")
+    # --- children ----------------------------------------------------------------------------------------
 
-    def create(self, manifest: Mapping[str, Any]) -> None:
-        """Create a child; one that already exists is left as it is, so a restarted operator makes no twin."""
+    def create(self, manifest: Mapping[str, Any]) -> Created:
+        """Create a child, or return the object that already holds its name (for the caller to check its owner).
+
+        Raises Rejected when the API server refuses it for good (invalid, forbidden by quota or policy).
+        """
         namespace = manifest["metadata"]["namespace"]
+        name = manifest["metadata"]["name"]
         kind = manifest["kind"]
-        creators = {
+        creators: dict[str, Callable[..., Any]] = {
             "ConfigMap": self.core.create_namespaced_config_map,
             "Service": self.core.create_namespaced_service,
             "Job": self.batch.create_namespaced_job,
         }
+        readers: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Service": self.core.read_namespaced_service,
+            "Job": self.batch.read_namespaced_job,
+        }
+        resource = f"{kind.lower()}s"
         try:
-            creators[kind](namespace, manifest)
+            response = self._call(
+                "create",
+                resource,
+                lambda: creators[kind](namespace, manifest, _preload_content=False, _request_timeout=self._timeout),
+            )
         except ApiException as error:
-            if error.status != 409:
+            if error.status == 409:
+                existing = self._call(
+                    "get",
+                    resource,
+                    lambda: readers[kind](name, namespace, _preload_content=False, _request_timeout=self._timeout),
+                )
+                return Created(_json(existing), existed=True)
+            if error.status in (403, 422):
+                raise Rejected(kind, name, error.status, _status_message(error)) from error
+            raise
+        return Created(_json(response), existed=False)
+
+    def set_job_suspend(self, namespace: str, name: str, uid: str, suspend: bool) -> None:
+        """Suspend or resume the Job with `uid` (a JSON patch `test`: never a namesake)."""
+        operations = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "replace", "path": "/spec/suspend", "value": suspend},
+        ]
+        try:
+            self._call(
+                "patch",
+                "jobs",
+                lambda: self.batch.patch_namespaced_job(
+                    name,
+                    namespace,
+                    operations,
+                    field_manager=STATE_MACHINE_MANAGER,
+                    _content_type="application/json-patch+json",
+                    _request_timeout=self._timeout,
+                ),
+            )
+        except ApiException as error:
+            if error.status not in (404, 422):
                 raise
 
-    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        _ignore_missing(lambda: self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}}))
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        self._delete(
+            "jobs",
+            lambda options: self.batch.delete_namespaced_job(
+                name, namespace, body=options, _request_timeout=self._timeout
+            ),
+            uid,
+        )
 
-    def delete_children(self, namespace: str, jobs: list[str], services: list[str], config_maps: list[str]) -> None:
-        background = kubernetes.client.V1DeleteOptions(propagation_policy="Background")
-        for job in jobs:
-            _ignore_missing(lambda job=job: self.batch.delete_namespaced_job(job, namespace, body=background))
-        for service in services:
-            _ignore_missing(lambda service=service: self.core.delete_namespaced_service(service, namespace))
-        for config_map in config_maps:
-            _ignore_missing(lambda cm=config_map: self.core.delete_namespaced_config_map(cm, namespace))
+    def delete_service(self, namespace: str, name: str, uid: str) -> None:
+        self._delete(
+            "services",
+            lambda options: self.core.delete_namespaced_service(
+                name, namespace, body=options, _request_timeout=self._timeout
+            ),
+            uid,
+        )
 
-    # Events and logs
+    def delete_config_map(self, namespace: str, name: str, uid: str) -> None:
+        self._delete(
+            "configmaps",
+            lambda options: self.core.delete_namespaced_config_map(
+                name, namespace, body=options, _request_timeout=self._timeout
+            ),
+            uid,
+        )
+
+    def _delete(self, resource: str, call: Callable[[Any], Any], uid: str) -> None:
+        """Delete the object with `uid` only: a re-created namesake fails the precondition and stays."""
+        options = kubernetes.client.V1DeleteOptions(
+            propagation_policy="Background", preconditions=kubernetes.client.V1Preconditions(uid=uid)
+        )
+        try:
+            self._call("delete", resource, lambda: call(options))
+        except ApiException as error:
+            if error.status not in (404, 409):
+                raise
+
+    def list_children(self, selector: str) -> tuple[list[Obj], list[Obj]]:
+        """Every Job and pod with the label `selector`, across namespaces."""
+        jobs = self._call(
+            "list",
+            "jobs",
+            lambda: self.batch.list_job_for_all_namespaces(
+                label_selector=selector, _preload_content=False, _request_timeout=self._timeout
+            ),
+        )
+        pods = self._call(
+            "list",
+            "pods",
+            lambda: self.core.list_pod_for_all_namespaces(
+                label_selector=selector, _preload_content=False, _request_timeout=self._timeout
+            ),
+        )
+        return _items(jobs), _items(pods)
+
+    def get_config_map(self, namespace: str, name: str) -> Obj | None:
+        try:
+            response = self._call(
+                "get",
+                "configmaps",
+                lambda: self.core.read_namespaced_config_map(
+                    name, namespace, _preload_content=False, _request_timeout=self._timeout
+                ),
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return _json(response)
+
+    def get_service(self, namespace: str, name: str) -> Obj | None:
+        try:
+            response = self._call(
+                "get",
+                "services",
+                lambda: self.core.read_namespaced_service(
+                    name, namespace, _preload_content=False, _request_timeout=self._timeout
+                ),
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return _json(response)
+
+    def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded (the webhook signing key: the chart lets the operator read one name)."""
+        try:
+            secret = self._call(
+                "get",
+                "secrets",
+                lambda: self.core.read_namespaced_secret(name, namespace, _request_timeout=self._timeout),
+            )
+        except ApiException as error:
+            raise LookupError(f"cannot read it ({error.status} {error.reason})") from None
+        value = (secret.data or {}).get(key)
+        if value is None:
+            raise LookupError("it has no such key")
+        return base64.b64decode(value).decode()
+
+    # --- Events ------------------------------------------------------------------------------------------
+
     def record_event(self, finetunejob: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         metadata = finetunejob["metadata"]
         now = datetime.now(UTC)
@@ -115,41 +383,18 @@ class KubeApi:
             "firstTimestamp": now.isoformat(),
             "lastTimestamp": now.isoformat(),
             "count": 1,
-            "source": {"component": "finetune-operator"},
-            "reportingComponent": "finetune-operator",
+            "source": {"component": MANAGER_NAME},
+            "reportingComponent": MANAGER_NAME,
         }
         try:
-            self.core.create_namespaced_event(metadata["namespace"], event)
-        except ApiException as error:
+            self._call(
+                "create",
+                "events",
+                lambda: self.core.create_namespaced_event(metadata["namespace"], event, _request_timeout=self._timeout),
+            )
+        except Exception as error:
             # An event is a courtesy: never let it fail a reconcile.
-            log.warning("could not record event %s on %s: %s", reason, metadata["name"], error.reason)
-
-    def follow_log(self, namespace: str, pod: str, container: str, idle_timeout: float) -> Iterator[str]:
-        """The container's log from its start, then new lines as they come, until the container stops.
-
-        Also ends when no byte arrives for `idle_timeout` seconds: the caller decides whether to follow again.
-        """
-        response = self.core.read_namespaced_pod_log(
-            pod,
-            namespace,
-            container=container,
-            follow=True,
-            _preload_content=False,
-            _request_timeout=(10, idle_timeout),
-        )
-        pending = b""
-        try:
-            for chunk in response.stream(4096, decode_content=True):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    yield line.decode("utf-8", errors="replace")
-        except ReadTimeoutError:
-            return
-        finally:
-            response.release_conn()
-        if pending:
-            yield pending.decode("utf-8", errors="replace")
+            log.warning("could not record event %s on %s: %s", reason, metadata["name"], error)
 
 
 def _json(response: Any) -> Obj:
@@ -157,19 +402,6 @@ def _json(response: Any) -> Obj:
     return data
 
 
-def _or_none(call: Any) -> Obj | None:
-    try:
-        result: Obj = call()
-        return result
-    except ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-
-
-def _ignore_missing(call: Any) -> None:
-    try:
-        call()
-    except ApiException as error:
-        if error.status != 404:
-            raise
+def _items(response: Any) -> list[Obj]:
+    items: Sequence[Obj] = _json(response).get("items", [])
+    return list(items)

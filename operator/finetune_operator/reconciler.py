@@ -1,10 +1,17 @@
-"""One reconcile of one FineTuneJob: observe, decide (lifecycle), act. Safe to run any number of times."""
+"""One reconcile of one FineTuneJob: observe (from the watch cache), decide (lifecycle), act. Safe to repeat.
+
+Reads come from the cache the watches keep; the API server sees only writes. A child is this FineTuneJob's only
+when its controller ownerReference carries the FineTuneJob's UID (a pod: its Job's UID): a namesake is never
+adopted. The status write is tied to the resourceVersion it was computed from, so it never lands on a newer
+state or on a re-created namesake; a refused write is computed again from a fresh read.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,35 +19,59 @@ from pydantic import ValidationError
 
 from finetune_operator import lifecycle, metrics
 from finetune_operator.api.spec import FineTuneJobSpec
-from finetune_operator.api.status import STATE_MACHINE_FIELDS, FineTuneJobStatus, Phase
-from finetune_operator.conventions import (
-    COMPONENT_LABEL,
-    JOB_NAME_LABEL,
-    KUEUE_QUEUE_LABEL,
-    TRAINER_CONTAINER,
-    Component,
-)
-from finetune_operator.kube import KubeApi, Obj
+from finetune_operator.api.status import STATE_MACHINE_FIELDS, ErrorInfo, FineTuneJobStatus, Phase
+from finetune_operator.cache import Cache
+from finetune_operator.conventions import COMPONENT_LABEL, KUEUE_QUEUE_LABEL, TRAINER_CONTAINER, Component
+from finetune_operator.kube import Conflict, KubeApi, Obj, Rejected
 from finetune_operator.lifecycle import Action, Decision, Observation
 from finetune_operator.lifecycle.observed import completion_index, newest_first
 from finetune_operator.log_follower import LogFollowers, Stream
-from finetune_operator.naming import workload_names
+from finetune_operator.naming import WorkloadNames, workload_names
 from finetune_operator.resolution import InvalidSpec, Owner, RunInfo, resolve_run
 from finetune_operator.settings import Settings
 from finetune_operator.workload import build_config_map, build_service, build_train_job, build_validation_job
 
 log = logging.getLogger(__name__)
+# A child's name held by another object is looked at again this often (its deletion may send no event to us).
+NAME_CONFLICT_RETRY_SECONDS = 10.0
+# A status write refused because the FineTuneJob changed is computed again this soon (the watch brings the change).
+CONFLICT_RETRY_SECONDS = 1.0
+
+
+def controlled_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether `obj`'s controller ownerReference is the object with `uid`."""
+    references = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(reference.get("controller") and reference.get("uid") == uid for reference in references)
+
+
+def describe(obj: Mapping[str, Any], kind: str) -> str:
+    metadata = obj.get("metadata", {})
+    controllers = [ref for ref in metadata.get("ownerReferences") or [] if ref.get("controller")]
+    owner = (
+        f"{controllers[0]['kind']} {controllers[0].get('name')} ({controllers[0]['uid']})" if controllers else "none"
+    )
+    return f"{kind} {metadata.get('namespace')}/{metadata.get('name')} (controller: {owner})"
+
+
+@dataclass
+class _Outcome:
+    """What acting found out that the state machine must hear about."""
+
+    name_conflicts: list[str] = field(default_factory=list)
+    rejected: ErrorInfo | None = None
 
 
 class Reconciler:
     def __init__(
         self,
         api: KubeApi,
+        cache: Cache,
         settings: Settings,
         followers: LogFollowers,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._api = api
+        self._cache = cache
         self._settings = settings
         self._followers = followers
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -56,22 +87,39 @@ class Reconciler:
         return requeue
 
     def reconcile_blocking(self, namespace: str, name: str) -> float | None:
-        finetunejob = self._api.get_finetunejob(namespace, name)
+        finetunejob = self._cache.finetunejob(namespace, name)
         if finetunejob is None or finetunejob["metadata"].get("deletionTimestamp"):
             if finetunejob is not None:
                 self._followers.forget(finetunejob["metadata"]["uid"])
             return None
+        with self._api.counting() as requests:
+            requeue = self._reconcile(finetunejob)
+        metrics.RECONCILE_API_REQUESTS.observe(requests.count)
+        return requeue
+
+    def _reconcile(self, finetunejob: Obj) -> float | None:
         observation, run = self._observe(finetunejob)
         decision = lifecycle.decide(observation)
-        self._act(finetunejob, run, decision)
-        self._write_status(finetunejob, observation.status, decision.status)
+        outcome = self._act(finetunejob, observation, run, decision)
+        if outcome.name_conflicts or outcome.rejected:
+            # Acting found what the observation could not see: decide again with it, before anything is written.
+            observation = replace(observation, name_conflicts=outcome.name_conflicts, rejected=outcome.rejected)
+            decision = lifecycle.decide(observation)
+        try:
+            self._write_status(finetunejob, observation.status, decision.status)
+        except Conflict:
+            metrics.WRITE_CONFLICTS.labels(source="reconcile").inc()
+            return CONFLICT_RETRY_SECONDS
         for notice in decision.notices:
             self._api.record_event(finetunejob, notice.type, notice.reason, notice.message)
         if decision.status.phase is not observation.status.phase:
             metrics.PHASE_TRANSITIONS.labels(phase=decision.status.phase.value).inc()
-        if decision.status.phase is not Phase.CANCELED:
-            self._follow_rank0_log(finetunejob, observation)
+        self._follow_rank0_log(finetunejob, observation, decision.status)
+        if observation.name_conflicts and not decision.status.phase.finished:
+            return NAME_CONFLICT_RETRY_SECONDS
         return decision.requeue_after
+
+    # --- observe -----------------------------------------------------------------------------------------
 
     def _observe(self, finetunejob: Obj) -> tuple[Observation, RunInfo | None]:
         """What the state machine needs, and the FineTuneJob resolved for the builders (None if it cannot be)."""
@@ -96,7 +144,10 @@ class Reconciler:
                 run = resolve_run(owner, spec, self._settings)
             except InvalidSpec as error:
                 spec_error = str(error)
-        pods = self._api.list_pods(owner.namespace, f"{JOB_NAME_LABEL}={owner.name}")
+        conflicts: list[str] = []
+        validation_job = self._owned_job(owner, names.validation_job, conflicts)
+        train_job = self._owned_job(owner, names.train_job, conflicts)
+        pods = self._cache.pods_of(owner.namespace, owner.name)
         observation = Observation(
             spec=spec,
             status=_parse_status(finetunejob.get("status")),
@@ -106,41 +157,80 @@ class Reconciler:
             names=names,
             kueue_managed=KUEUE_QUEUE_LABEL in owner.labels,
             spec_error=spec_error,
-            validation_job=self._api.get_job(owner.namespace, names.validation_job),
-            validation_pods=[p for p in pods if _component(p) == Component.VALIDATION],
-            train_job=self._api.get_job(owner.namespace, names.train_job),
-            train_pods=[p for p in pods if _component(p) == Component.TRAINING],
+            validation_job=validation_job,
+            validation_pods=_pods_of(validation_job, pods, Component.VALIDATION),
+            train_job=train_job,
+            train_pods=_pods_of(train_job, pods, Component.TRAINING),
+            name_conflicts=conflicts,
         )
         return observation, run
 
-    def _act(self, finetunejob: Obj, run: RunInfo | None, decision: Decision) -> None:
+    def _owned_job(self, owner: Owner, name: str, conflicts: list[str]) -> Obj | None:
+        job = self._cache.job(owner.namespace, name)
+        if job is None:
+            return None
+        if not controlled_by(job, owner.uid):
+            conflicts.append(describe(job, "Job"))
+            return None
+        return job
+
+    # --- act ---------------------------------------------------------------------------------------------
+
+    def _act(self, finetunejob: Obj, obs: Observation, run: RunInfo | None, decision: Decision) -> _Outcome:
         metadata = finetunejob["metadata"]
         namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
-        names = workload_names(name)
+        outcome = _Outcome()
         for action in decision.actions:
             log.info("%s/%s: %s", namespace, name, action.value)
-            if action is Action.CREATE_VALIDATION and run is not None:
-                self._api.create(build_config_map(run))
-                self._api.create(build_validation_job(run))
-            elif action is Action.CREATE_TRAINING and run is not None:
-                self._api.create(build_config_map(run))
-                service = build_service(run)
-                if service is not None:
-                    self._api.create(service)
-                self._api.create(build_train_job(run))
-            elif action in (Action.SUSPEND_TRAINING, Action.RESUME_TRAINING):
-                self._api.set_job_suspend(namespace, names.train_job, action is Action.SUSPEND_TRAINING)
-            elif action is Action.DELETE_WORKLOAD:
-                self._followers.forget(uid)
-                self._api.delete_children(
-                    namespace,
-                    jobs=[names.train_job, names.validation_job],
-                    services=[names.service],
-                    config_maps=[names.config_map],
+            try:
+                if action is Action.CREATE_VALIDATION and run is not None:
+                    self._create_all(uid, [build_config_map(run), build_validation_job(run)], outcome)
+                elif action is Action.CREATE_TRAINING and run is not None:
+                    service = build_service(run)
+                    manifests = [build_config_map(run), *([service] if service else []), build_train_job(run)]
+                    self._create_all(uid, manifests, outcome)
+                elif action in (Action.SUSPEND_TRAINING, Action.RESUME_TRAINING) and obs.train_job is not None:
+                    job_uid = obs.train_job["metadata"]["uid"]
+                    suspend = action is Action.SUSPEND_TRAINING
+                    self._api.set_job_suspend(namespace, obs.names.train_job, job_uid, suspend)
+                elif action is Action.DELETE_WORKLOAD:
+                    self._followers.forget(uid)
+                    self._delete_workload(namespace, uid, obs)
+                elif action is Action.DELETE_FINETUNEJOB:
+                    self._followers.forget(uid)
+                    self._api.delete_finetunejob(namespace, name, uid)
+            except Rejected as error:
+                outcome.rejected = ErrorInfo(
+                    reason="CreateRejected",
+                    message=f"the API server refused {error.kind} {namespace}/{error.name}: {error.message}",
                 )
-            elif action is Action.DELETE_FINETUNEJOB:
-                self._followers.forget(uid)
-                self._api.delete_finetunejob(namespace, name)
+                break
+        return outcome
+
+    def _create_all(self, uid: str, manifests: list[Obj], outcome: _Outcome) -> None:
+        """Create each child in order; stop at the first name held by an object that is not ours."""
+        for manifest in manifests:
+            created = self._api.create(manifest)
+            if created.existed and not controlled_by(created.object, uid):
+                outcome.name_conflicts.append(describe(created.object, manifest["kind"]))
+                return
+            if manifest["kind"] == "Job":
+                self._cache.upsert_job(created.object)
+
+    def _delete_workload(self, namespace: str, uid: str, obs: Observation) -> None:
+        """Delete this FineTuneJob's own children, each by its UID: a namesake's are never touched."""
+        for job in (obs.train_job, obs.validation_job):
+            if job is not None:
+                self._api.delete_job(namespace, job["metadata"]["name"], job["metadata"]["uid"])
+        names: WorkloadNames = obs.names
+        service = self._api.get_service(namespace, names.service)
+        if service is not None and controlled_by(service, uid):
+            self._api.delete_service(namespace, names.service, service["metadata"]["uid"])
+        config_map = self._api.get_config_map(namespace, names.config_map)
+        if config_map is not None and controlled_by(config_map, uid):
+            self._api.delete_config_map(namespace, names.config_map, config_map["metadata"]["uid"])
+
+    # --- write -------------------------------------------------------------------------------------------
 
     def _write_status(self, finetunejob: Obj, before: FineTuneJobStatus, after: FineTuneJobStatus) -> None:
         """One merge patch of the fields the state machine owns that changed; nothing when none did."""
@@ -148,12 +238,24 @@ class Reconciler:
         new = _owned(after)
         patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
         patch.update({k: None for k in old if k not in new})
-        if patch:
-            metadata = finetunejob["metadata"]
-            self._api.patch_finetunejob_status(metadata["namespace"], metadata["name"], patch)
-            metrics.STATUS_PATCHES.labels(source="reconcile").inc()
+        if not patch:
+            return
+        metadata = finetunejob["metadata"]
+        updated = self._api.patch_finetunejob_status(
+            metadata["namespace"], metadata["name"], patch, metadata["resourceVersion"]
+        )
+        # The watch brings this too, later: until then the next reconcile must not compute from the old state.
+        self._cache.upsert_finetunejob(updated)
+        metrics.STATUS_PATCHES.labels(source="reconcile").inc()
 
-    def _follow_rank0_log(self, finetunejob: Obj, obs: Observation) -> None:
+    # --- logs --------------------------------------------------------------------------------------------
+
+    def _follow_rank0_log(self, finetunejob: Obj, obs: Observation, status: FineTuneJobStatus) -> None:
+        if status.phase is Phase.CANCELED:
+            return
+        complete = status.progress is not None and status.progress.percent == 100
+        if status.phase.finished and status.logs and (status.phase is Phase.FAILED or complete):
+            return  # read to its end already, by this operator or an earlier one
         started = ("Running", "Succeeded", "Failed")
         rank0 = [
             pod
@@ -163,15 +265,26 @@ class Reconciler:
         if not rank0:
             return
         metadata = finetunejob["metadata"]
-        self._followers.follow(
-            Stream(
-                namespace=metadata["namespace"],
-                finetunejob=metadata["name"],
-                uid=metadata["uid"],
-                pod=rank0[0]["metadata"]["name"],
-                container=TRAINER_CONTAINER,
-            )
+        stream = Stream(
+            namespace=metadata["namespace"],
+            finetunejob=metadata["name"],
+            uid=metadata["uid"],
+            pod=rank0[0]["metadata"]["name"],
+            container=TRAINER_CONTAINER,
         )
+        self._followers.follow(stream, status)
+
+
+def _pods_of(job: Obj | None, pods: list[Obj], component: Component) -> list[Obj]:
+    """The pods of `component` that `job` controls: never a namesake Job's pods."""
+    if job is None:
+        return []
+    uid = job["metadata"]["uid"]
+    return [
+        pod
+        for pod in pods
+        if (pod.get("metadata", {}).get("labels") or {}).get(COMPONENT_LABEL) == component and controlled_by(pod, uid)
+    ]
 
 
 def _parse_status(raw: Any) -> FineTuneJobStatus:
@@ -186,11 +299,6 @@ def _owned(status: FineTuneJobStatus) -> dict[str, Any]:
     """The state machine's fields of `status`, as JSON (camelCase)."""
     dumped = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     return {key: value for key, value in dumped.items() if key in STATE_MACHINE_FIELDS}
-
-
-def _component(pod: Obj) -> str | None:
-    labels: dict[str, str] = pod.get("metadata", {}).get("labels") or {}
-    return labels.get(COMPONENT_LABEL)
 
 
 def _first_error(error: ValidationError) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, IPvAnyNetwork
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finetune_operator.api.spec import DEFAULT_MODEL
@@ -33,4 +33,44 @@ class Settings(BaseSettings):
     )
     log_tail_lines: int = Field(40, ge=1, le=500, description="Lines of the rank-0 log kept in status.logs.")
     log_tail_bytes: int = Field(8192, ge=256, le=65536, description="Most bytes of status.logs.")
+    log_events_per_second: float = Field(
+        20.0, gt=0, description="Most protocol events parsed per second per followed log (progress is coalesced)."
+    )
     metrics_port: int = Field(8080, description="Prometheus metrics port.")
+    health_stall_seconds: float = Field(
+        300.0, gt=0, description="/healthz fails when queued work has not moved for this long."
+    )
+    workers: int = Field(8, ge=1, le=256, description="Reconciles that run at once.")
+    api_pool_size: int = Field(16, ge=1, le=1024, description="Connections to the API server.")
+    api_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of each API request.")
+    resync_seconds: float = Field(
+        300.0, gt=0, description="How often every child is listed again, to catch what a broken watch missed."
+    )
+    # The chart sets these two from leaderElection.enabled and the release namespace.
+    leader_election: bool = Field(False, description="Run only while holding the leader Lease.")
+    leader_election_namespace: str = Field("default", description="Namespace of the leader Lease.")
+    leader_election_id: str = Field("finetune-operator", description="Name of the leader Lease.")
+    lease_duration_seconds: float = Field(15.0, gt=0, description="How long a leader's Lease lasts unrenewed.")
+    renew_deadline_seconds: float = Field(10.0, gt=0, description="A leader that cannot renew this long steps down.")
+    retry_period_seconds: float = Field(2.0, gt=0, description="How often candidates try to take or renew the Lease.")
+    api_owner_namespaces: dict[str, str] = Field(
+        default_factory=dict,
+        description="Replicate API: the namespace of each destination owner whose namespace has another name "
+        "(JSON object); other owners are namespaces of their own name.",
+    )
+    api_public_url: str | None = Field(
+        None,
+        description="Replicate API: its base URL as clients reach it, for the training objects' urls (in webhooks "
+        "too); API responses otherwise use the request's own.",
+    )
+    webhook_signing_secret: str = Field(
+        "finetune-webhook-signing-key",
+        min_length=1,
+        description="Name of the Secret (in each FineTuneJob's namespace) holding its webhook signing key; "
+        "the only Secret name the operator may read.",
+    )
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Webhook URLs may reach these networks (CIDRs, JSON list) besides public addresses; loopback, "
+        "link-local, private and cluster-internal addresses are refused otherwise.",
+    )

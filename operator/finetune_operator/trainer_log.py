@@ -20,32 +20,84 @@ from finetune_contract.protocol import (
     StartEvent,
     parse_line,
 )
-from finetune_operator.api.status import Progress, ValidationSample
+from finetune_operator.api.status import FineTuneJobStatus, Progress, ValidationSample
 from finetune_operator.timestamps import timestamp
 
 MAX_SAMPLES = 10
 MAX_SAMPLE_CHARS = 2000
 MAX_LINE_CHARS = 1000
+# Longer lines are log output, never parsed as events: an event is a few hundred bytes (a sample a few KiB).
+MAX_EVENT_CHARS = 16 * 1024
+_PROGRESS_MARK = '"event":"progress"'
+
+
+class EventBudget:
+    """At most `per_second` events parsed per second (a token bucket that holds one second's worth)."""
+
+    def __init__(self, per_second: float, now: float) -> None:
+        self._rate = per_second
+        self._tokens = per_second
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 class TrainerLog:
-    """Accumulates one trainer log stream; `changed` says whether the status needs a patch."""
+    """Accumulates one trainer log stream; `changed` says whether the status needs a patch.
 
-    def __init__(self, tail_lines: int, tail_bytes: int) -> None:
+    Parsing is bounded: a line longer than MAX_EVENT_CHARS is not parsed, and progress events beyond the
+    budget are coalesced (the newest waits for the next token; progress is cumulative, so none is lost).
+    """
+
+    def __init__(self, tail_lines: int, tail_bytes: int, budget: EventBudget | None = None) -> None:
         self._tail: deque[str] = deque(maxlen=tail_lines)
         self._tail_bytes = tail_bytes
+        self._budget = budget
+        self._deferred: str | None = None
         self.progress = Progress()
         self.samples: list[ValidationSample] = []
         self.events = 0
         self.changed = False
 
-    def feed(self, line: str, now: datetime) -> None:
+    def restore(self, status: FineTuneJobStatus) -> None:
+        """Start from what an earlier follower (or operator) already wrote."""
+        if status.progress is not None:
+            self.progress = status.progress
+        self.samples = list(status.validation_samples)[-MAX_SAMPLES:]
+        if status.logs:
+            self._tail.extend(status.logs.split("\n"))
+
+    def feed(self, line: str, now: datetime, clock: float = 0.0) -> None:
+        """One log line; `clock` is a monotonic time for the event budget."""
         line = line.rstrip("\r\n")
         self._tail.append(line if len(line) <= MAX_LINE_CHARS else line[: MAX_LINE_CHARS - 1] + "…")
         self.changed = True
+        if len(line) > MAX_EVENT_CHARS or '"ftj"' not in line:
+            return
+        over_budget = self._budget is not None and not self._budget.take(clock)
+        if over_budget and _PROGRESS_MARK in line.replace(" ", ""):
+            self._deferred = line
+            return
+        self._parse(line, now)
+
+    def flush(self, now: datetime) -> None:
+        """Parse the newest progress event the budget held back."""
+        if self._deferred is not None:
+            line, self._deferred = self._deferred, None
+            self._parse(line, now)
+
+    def _parse(self, line: str, now: datetime) -> None:
         event = parse_line(line)
         if event is None:
             return
+        if isinstance(event, ProgressEvent):
+            self._deferred = None  # a newer progress supersedes a held one
         self.events += 1
         heartbeat = timestamp(now)
         if isinstance(event, StartEvent):

@@ -3,13 +3,19 @@
 Watch events for a FineTuneJob, its Jobs and its Pods all become one key (namespace, name). Many events while a key
 waits collapse into one run; an event that arrives while the key runs makes it run once more afterwards. Failures are
 retried with exponential backoff; a run may ask to be repeated after a delay.
+
+Keys are served first come, first served, and a key is in the queue at most once: a job whose objects change
+constantly costs one run at a time and waits its turn like the others, so it cannot starve them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+
+from finetune_operator import metrics
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +24,17 @@ Worker = Callable[[Key], Awaitable[float | None]]
 
 
 class WorkQueue:
-    def __init__(self, worker: Worker, concurrency: int = 4, max_backoff: float = 60.0) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        concurrency: int = 4,
+        max_backoff: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._worker = worker
+        self._clock = clock
+        self._enqueued_at: dict[Key, float] = {}
+        self.last_progress = clock()
         self._concurrency = concurrency
         self._max_backoff = max_backoff
         self._ready: asyncio.Queue[Key] = asyncio.Queue()
@@ -46,8 +61,17 @@ class WorkQueue:
         if key in self._running:
             self._again.add(key)
         elif key not in self._queued:
+            if not self._queued and not self._running:
+                self.last_progress = self._clock()  # an idle queue is not a wedged one
             self._queued.add(key)
+            self._enqueued_at[key] = self._clock()
             self._ready.put_nowait(key)
+            metrics.QUEUE_DEPTH.set(len(self._queued))
+
+    def stalled(self, threshold: float) -> bool:
+        """Work is waiting or running, and none has finished for `threshold` seconds: the queue is wedged."""
+        busy = bool(self._queued or self._running)
+        return busy and self._clock() - self.last_progress > threshold
 
     def add_threadsafe(self, key: Key) -> None:
         """`add` from another thread (the log followers')."""
@@ -72,6 +96,8 @@ class WorkQueue:
         while True:
             key = await self._ready.get()
             self._queued.discard(key)
+            metrics.QUEUE_DEPTH.set(len(self._queued))
+            metrics.QUEUE_WAIT_SECONDS.observe(self._clock() - self._enqueued_at.pop(key, self._clock()))
             self._running.add(key)
             try:
                 requeue = await self._worker(key)
@@ -88,6 +114,7 @@ class WorkQueue:
                 if requeue is not None:
                     self.add_after(key, requeue)
             finally:
+                self.last_progress = self._clock()
                 self._running.discard(key)
                 if key in self._again:
                     self._again.discard(key)

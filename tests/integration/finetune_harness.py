@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,28 +39,30 @@ DESTINATION = "s3://finetune-outputs"
 
 @dataclass
 class OperatorProcess:
-    """`finetune-operator run` watching one namespace."""
+    """`finetune-operator run` watching one namespace (with more `args` and `FINETUNE_*` `env` when given)."""
 
     namespace: str
     kubeconfig: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
-    # more FINETUNE_* settings, over the defaults below
-    settings: dict[str, str] = field(default_factory=dict)
+    health_port: int = 0
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         self.metrics_port = free_port()
+        self.health_port = free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
             "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
             "FINETUNE_METRICS_PORT": str(self.metrics_port),
-            **self.settings,
+            **self.env,
         }
         command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
-        command += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        command += ["--liveness", f"http://127.0.0.1:{self.health_port}/healthz", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -68,6 +71,16 @@ class OperatorProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             text: str = response.read().decode()
             return text
+
+    def probe(self, path: str) -> int:
+        """The HTTP status of the operator's /healthz or /readyz."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except urllib.error.URLError:
+            return 0  # not listening (yet)
 
     def kill(self) -> None:
         """Kill -9: no clean-up of any kind, as when a node dies under the operator."""

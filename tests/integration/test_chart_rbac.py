@@ -24,7 +24,18 @@ from helmchart import helm_binary, render_chart, render_chart_text
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kwokpods import register_namespace_logs, terminate_pod, wait_for
-from testcluster import DevCluster, new_api_client
+from replicate.client import Client
+from replicate_harness import (
+    LOOPBACK_WEBHOOKS,
+    SIGNING_SECRET,
+    WebhookReceiver,
+    create_signing_secret,
+    new_signing_key,
+    running_receiver,
+    service_account_token,
+    wait_until_serving,
+)
+from testcluster import DevCluster, free_port, new_api_client
 
 from finetune_contract.protocol import (
     OutputEvent,
@@ -110,7 +121,9 @@ def _fail_unless_the_token_is_sent(api: client.ApiClient) -> None:
 def chart_identity(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[ChartIdentity]:
     install_crd(devcluster.api)
     # The release is named like the namespace, so the cluster-scoped objects of two tests never collide.
-    rendered = render_chart({"watchNamespaces": [namespace]}, release=namespace, namespace=namespace)
+    # With the Replicate API on: its rights are the most the chart grants.
+    values = {"watchNamespaces": [namespace], "api": {"enabled": True}}
+    rendered = render_chart(values, release=namespace, namespace=namespace)
     rbac = [obj for obj in rendered if obj["kind"] in RBAC_KINDS]
     manifests = yaml.safe_dump_all(rbac)
     kubectl(devcluster, "apply", "--server-side", "-f", "-", stdin=manifests)
@@ -177,6 +190,10 @@ def test_chart_service_account_cannot_touch_secrets_or_namespaces_or_other_names
     for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
         assert not allowed(api, verb, "secrets", namespace), f"{verb} secrets in its namespace"
         assert not allowed(api, verb, "secrets"), f"{verb} secrets cluster-wide"
+        assert not allowed(api, verb, "secrets", namespace, name="registry-credentials"), f"{verb} a named Secret"
+    assert allowed(api, "get", "secrets", namespace, name=SIGNING_SECRET), "the webhook signing key, by its name"
+    for verb in ("list", "watch", "update", "delete"):
+        assert not allowed(api, verb, "secrets", namespace, name=SIGNING_SECRET), f"{verb} the signing key"
     for verb in ("create", "delete", "update", "patch"):
         assert not allowed(api, verb, "namespaces"), f"{verb} namespaces"
     assert not allowed(api, "create", "pods", namespace), "the Job controller makes the pods, not the operator"
@@ -187,6 +204,8 @@ def test_chart_service_account_cannot_touch_secrets_or_namespaces_or_other_names
     assert allowed(api, "patch", "finetunejobs", namespace, group="finetune.dev", subresource="status")
     assert allowed(api, "update", "finetunejobs", namespace, group="finetune.dev", subresource="finalizers")
     assert allowed(api, "get", "pods", namespace, subresource="log")
+    assert allowed(api, "create", "tokenreviews", group="authentication.k8s.io")
+    assert allowed(api, "create", "subjectaccessreviews", group="authorization.k8s.io")
 
 
 def test_operator_with_the_chart_rbac_runs_a_job_to_success_and_deletes_it_after_its_ttl(
@@ -248,7 +267,11 @@ def test_operator_with_the_chart_rbac_suspends_resumes_and_cancels_a_job(
 
 
 def test_every_rendered_manifest_is_accepted_by_the_api_server(devcluster: DevCluster, namespace: str) -> None:
-    for values in ({}, {"watchNamespaces": [namespace], "settings": {"defaultDestination": "s3://bucket"}}):
+    for values in (
+        {},
+        {"watchNamespaces": [namespace], "settings": {"defaultDestination": "s3://bucket"}},
+        {"api": {"enabled": True}, "settings": {"webhookAllowedNetworks": ["10.20.0.0/16"]}},
+    ):
         manifests = render_chart_text(values, release=namespace, namespace=namespace)
         out = kubectl(devcluster, "apply", "--dry-run=server", "-f", "-", stdin=manifests)
         assert "deployment.apps/" in out
@@ -296,3 +319,45 @@ def test_namespace_editors_manage_finetunejobs_and_viewers_read_them(
     assert may("alice", "delete")
     assert not may("bob", "create")
     assert not may("bob", "delete")
+
+
+def test_operator_with_the_chart_rbac_serves_the_replicate_api_and_signs_webhooks(
+    cluster: Cluster, chart_identity: ChartIdentity, tmp_path: Path
+) -> None:
+    api_port = free_port()
+    process = OperatorProcess(
+        chart_identity.namespace,
+        chart_identity.kubeconfig,
+        tmp_path / "operator.log",
+        args=("--api-listen", f"127.0.0.1:{api_port}"),
+        env=LOOPBACK_WEBHOOKS,
+    )
+    key = new_signing_key()
+    create_signing_secret(cluster.api, cluster.namespace, key)
+    token = service_account_token(cluster.api, cluster.namespace, "ml-engineer", ("create", "get", "list", "patch"))
+    with running_receiver(WebhookReceiver(key)) as receiver:
+        process.start()
+        try:
+            wait_until_serving(f"http://127.0.0.1:{api_port}/v1/trainings")
+            client = Client(api_token=token, base_url=f"http://127.0.0.1:{api_port}")
+            training = client.trainings.create(
+                model="meta/llama-2-7b",
+                version="v1",
+                input={"train_data": "https://datasets.example.com/train.jsonl"},
+                destination=f"{cluster.namespace}/chart-bot",
+                webhook=receiver.url,
+            )
+            assert [t.id for t in client.trainings.list()] == [training.id]
+            client.trainings.cancel(training.id)
+            wait_for(lambda: client.trainings.get(training.id).status == "canceled", timeout=60, description="canceled")
+            wait_for(
+                lambda: [d for d in receiver.accepted() if d.body["status"] == "canceled"],
+                timeout=60,
+                description="the signed completed webhook",
+            )
+        finally:
+            process.stop()
+            sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
+    assert receiver.unverified == []
+    # The access log shows the 401 of the probe that waited for the server: only the operator's own calls count.
+    assert [line for line in permission_errors(process.log_path) if "aiohttp.access" not in line] == []

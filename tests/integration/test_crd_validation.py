@@ -123,6 +123,18 @@ BAD_SPECS = [
         "must be a hf://, https://, s3://, gs:// or pvc:// URI",
     ),
     ("missing-train-data", {"input": {"num_train_epochs": 1}}, "spec.input.train_data", "Required value"),
+    (
+        "ftp-webhook",
+        {**with_input(), "webhook": {"url": "ftp://hooks.example.com/"}},
+        "spec.webhook.url",
+        "spec.webhook.url must be an http:// or https:// URL",
+    ),
+    (
+        "unknown-webhook-event",
+        {**with_input(), "webhook": {"url": "https://hooks.example.com/", "events": ["finished"]}},
+        "spec.webhook.events[0]",
+        'Unsupported value: "finished"',
+    ),
 ]
 
 

@@ -80,7 +80,7 @@ def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator
         # Executor pods share this machine's ports: a rendezvous port of their own for each test.
         "FINETUNE_MASTER_PORT": str(free_port()),
     }
-    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log", settings=settings)
+    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log", env=settings)
     process.start()
     yield process
     process.stop()

@@ -94,12 +94,22 @@ def test_minimal_example_runs_to_success_with_progress_and_weights(cluster: Clus
     assert conditions["Succeeded"] == ("True", "TrainingSucceeded")
     assert conditions["Validated"] == ("True", "DataValid")
     assert done["observedGeneration"] == 1
-    assert {"ValidatingData", "TrainingRunning", "TrainingSucceeded", "BatchSizeRounded"} <= cluster.event_reasons(name)
+    # Events follow the status write that records the transition.
+    wait_for(
+        lambda: (
+            {"ValidatingData", "TrainingRunning", "TrainingSucceeded", "BatchSizeRounded"}
+            <= cluster.event_reasons(name)
+        ),
+        timeout=30,
+        description="an Event for each transition",
+    )
     metrics = operator.metrics()
     assert 'finetune_phase_transitions_total{phase="Succeeded"} 1.0' in metrics
     events_read = re.search(r"^finetune_trainer_events_total (\S+)$", metrics, re.MULTILINE)
     assert events_read is not None
-    assert float(events_read.group(1)) >= 33  # start, 30 progress, eval, sample (a stream read again counts again)
+    # start, 30 progress, eval and sample came in one burst: progress beyond the parsing budget is coalesced, the
+    # others are always read, and the newest progress (step 30, above) is never lost.
+    assert 3 <= float(events_read.group(1)) <= 33
 
 
 def test_user_error_exit_fails_at_once_without_retry(cluster: Cluster, operator: OperatorProcess) -> None:

@@ -28,7 +28,12 @@ from finetune_contract.protocol import (
     termination_message,
 )
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.api.status import LOG_FOLLOWER_FIELDS, STATE_MACHINE_FIELDS, FineTuneJobStatus
+from finetune_operator.api.status import (
+    LOG_FOLLOWER_FIELDS,
+    STATE_MACHINE_FIELDS,
+    WEBHOOK_DISPATCHER_FIELDS,
+    FineTuneJobStatus,
+)
 
 TRAIN_DATA = "https://data.example/train.jsonl"
 
@@ -226,5 +231,6 @@ def test_small_termination_message_is_the_whole_output() -> None:
 
 def test_every_status_field_has_exactly_one_writer() -> None:
     wire_names = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
-    assert STATE_MACHINE_FIELDS.isdisjoint(LOG_FOLLOWER_FIELDS)
-    assert wire_names == STATE_MACHINE_FIELDS | LOG_FOLLOWER_FIELDS
+    writers = (STATE_MACHINE_FIELDS, LOG_FOLLOWER_FIELDS, WEBHOOK_DISPATCHER_FIELDS)
+    assert sum(len(fields) for fields in writers) == len(wire_names), "a field with two writers"
+    assert wire_names == STATE_MACHINE_FIELDS | LOG_FOLLOWER_FIELDS | WEBHOOK_DISPATCHER_FIELDS

@@ -36,9 +36,18 @@ OPERATOR_RIGHTS = {
     *(("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
     *(("", "pods", verb) for verb in ("get", "list", "watch")),
     ("", "pods/log", "get"),
-    *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("create", "delete")),
+    *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("get", "create", "delete")),
     ("", "events", "create"),
+    ("", "secrets", "get"),  # the webhook signing key's one name only (resourceNames)
 }
+API_RIGHTS = {("finetune.dev", "finetunejobs", "create"), ("finetune.dev", "finetunejobs", "patch")}
+API_AUTH_RIGHTS = {
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
+}
+LEADER_ELECTION_RIGHTS = {("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "patch")}
+# Set by the chart from leaderElection.enabled and the release namespace, not from `settings`.
+CHART_SET_SETTINGS = {"leader_election", "leader_election_namespace"}
 KOPF_CRD_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions", verb) for verb in ("list", "watch")}
 KOPF_NAMESPACE_RIGHTS = {("", "namespaces", verb) for verb in ("list", "watch")}
 
@@ -78,7 +87,7 @@ def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def rendered_env(objects: list[dict[str, Any]]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in operator_container(objects)["env"]}
+    return {item["name"]: item["value"] for item in operator_container(objects)["env"] if "value" in item}
 
 
 @pytest.fixture
@@ -101,13 +110,13 @@ def test_chart_crd_is_the_generated_crd() -> None:
 
 
 def test_values_settings_name_every_operator_setting_and_nothing_else() -> None:
-    in_model = {camel(name) for name in Settings.model_fields}
+    in_model = {camel(name) for name in Settings.model_fields if name not in CHART_SET_SETTINGS}
     in_values = set(VALUES["settings"])
     assert in_values - in_model == set(), "values.yaml settings the operator does not know"
     assert in_model - in_values == set(), "operator settings missing from values.yaml"
 
 
-@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+@pytest.mark.parametrize("name", sorted(set(Settings.model_fields) - CHART_SET_SETTINGS))
 def test_values_settings_default_to_the_operator_defaults(name: str) -> None:
     assert VALUES["settings"][camel(name)] == field_default(name)
 
@@ -127,7 +136,12 @@ def test_image_runs_as_the_user_the_chart_requires() -> None:
 
 @needs_helm
 @pytest.mark.parametrize(
-    "values", [{}, {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}}]
+    "values",
+    [
+        {},
+        {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}},
+        {"api": {"enabled": True}},
+    ],
 )
 def test_chart_passes_helm_lint(values: dict[str, Any]) -> None:
     lint_chart(values)
@@ -136,9 +150,20 @@ def test_chart_passes_helm_lint(values: dict[str, Any]) -> None:
 @needs_helm
 def test_default_install_watches_every_namespace_with_cluster_wide_rights() -> None:
     objects = render_chart()
-    kinds = ["ServiceAccount", "Service", "Deployment", *["ClusterRole"] * 4, *["ClusterRoleBinding"] * 2]
+    kinds = [
+        "ServiceAccount",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
+        *["ClusterRole"] * 4,
+        *["ClusterRoleBinding"] * 2,
+    ]
     assert sorted(obj["kind"] for obj in objects) == sorted(kinds)
-    assert not of_kind(objects, "Role")
+    assert [role["metadata"]["name"] for role in of_kind(objects, "Role")] == ["finetune-operator-leader-election"]
+    assert rights(named(objects, "Role", "-leader-election")) == LEADER_ELECTION_RIGHTS
+    assert named(objects, "Role", "-leader-election")["metadata"]["namespace"] == "finetune-system"
     assert rights(named(objects, "ClusterRole")) == OPERATOR_RIGHTS
     assert rights(named(objects, "ClusterRole", "-discovery")) == KOPF_CRD_RIGHTS
     for suffix in ("", "-discovery"):
@@ -160,10 +185,10 @@ def test_default_install_watches_every_namespace_with_cluster_wide_rights() -> N
 @needs_helm
 def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_rights() -> None:
     objects = render_chart({"watchNamespaces": ["team-a", "team-b"]})
-    roles = of_kind(objects, "Role")
+    roles = [role for role in of_kind(objects, "Role") if role["metadata"]["name"] == "finetune-operator"]
     assert sorted(role["metadata"]["namespace"] for role in roles) == ["team-a", "team-b"]
     assert all(rights(role) == OPERATOR_RIGHTS for role in roles)
-    bindings = of_kind(objects, "RoleBinding")
+    bindings = [b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"] == "finetune-operator"]
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["subjects"][0]["namespace"] == "finetune-system"
@@ -180,17 +205,62 @@ def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_rights()
 
 @needs_helm
 @pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["all-namespaces", "one-namespace"])
-def test_no_role_touches_secrets_or_uses_wildcards_or_escalation_verbs(watch: list[str]) -> None:
-    objects = render_chart({"watchNamespaces": watch})
+@pytest.mark.parametrize("api", [False, True], ids=["without-api", "with-api"])
+def test_no_role_reads_secrets_but_the_signing_key_or_uses_wildcards_or_escalation_verbs(
+    watch: list[str], api: bool
+) -> None:
+    objects = render_chart({"watchNamespaces": watch, "api": {"enabled": api}})
     roles = of_kind(objects, "ClusterRole") + of_kind(objects, "Role")
     assert roles
     for role in roles:
+        for rule in role["rules"]:
+            if "secrets" in rule["resources"]:
+                assert rule == {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "resourceNames": ["finetune-webhook-signing-key"],
+                    "verbs": ["get"],
+                }, f"{role['metadata']['name']}: Secrets other than the signing key's one name"
         for group, resource, verb in rights(role):
             where = f"{role['kind']} {role['metadata']['name']}: {group}/{resource} {verb}"
             assert "*" not in (group, resource, verb), where
-            assert resource.split("/")[0] != "secrets", where
             assert verb not in ("escalate", "bind", "impersonate"), where
             assert not resource.startswith(("roles", "clusterroles", "rolebindings", "clusterrolebindings")), where
+
+
+@needs_helm
+def test_the_signing_key_secret_the_operator_may_read_is_the_one_its_setting_names() -> None:
+    objects = render_chart({"settings": {"webhookSigningSecret": "team-webhook-key"}})
+    rules = [rule for rule in named(objects, "ClusterRole")["rules"] if "secrets" in rule["resources"]]
+    assert [rule["resourceNames"] for rule in rules] == [["team-webhook-key"]]
+    assert rendered_env(objects)["FINETUNE_WEBHOOK_SIGNING_SECRET"] == "team-webhook-key"
+
+
+@needs_helm
+def test_the_replicate_api_is_off_by_default() -> None:
+    objects = render_chart()
+    assert not [arg for arg in operator_container(objects)["args"] if arg.startswith("--api-listen")]
+    assert [service["metadata"]["name"] for service in of_kind(objects, "Service")] == ["finetune-operator-metrics"]
+    assert rights(named(objects, "ClusterRole")) == OPERATOR_RIGHTS
+    assert not [role for role in of_kind(objects, "ClusterRole") if rights(role) & API_AUTH_RIGHTS]
+
+
+@needs_helm
+@pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["all-namespaces", "one-namespace"])
+def test_the_replicate_api_gets_a_service_and_the_rights_to_review_callers_and_act_for_them(watch: list[str]) -> None:
+    objects = render_chart({"watchNamespaces": watch, "api": {"enabled": True, "port": 9000}})
+    container = operator_container(objects)
+    assert "--api-listen=0.0.0.0:9000" in container["args"]
+    assert {port["name"]: port["containerPort"] for port in container["ports"]}["api"] == 9000
+    service = named(objects, "Service", "-api")
+    assert service["spec"]["ports"] == [{"name": "api", "port": 80, "targetPort": "api", "protocol": "TCP"}]
+    assert service["spec"]["selector"] == named(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert rights(named(objects, "ClusterRole", "-api-auth")) == API_AUTH_RIGHTS
+    assert named(objects, "ClusterRoleBinding", "-api-auth")["roleRef"]["name"] == "finetune-operator-api-auth"
+    namespaced = [role for role in of_kind(objects, "Role") if role["metadata"]["name"] == "finetune-operator"]
+    operator_roles = namespaced if watch else [named(objects, "ClusterRole")]
+    assert operator_roles
+    assert all(rights(role) == OPERATOR_RIGHTS | API_RIGHTS for role in operator_roles)
 
 
 @needs_helm
@@ -213,11 +283,28 @@ def test_namespace_users_may_manage_finetunejobs_through_the_built_in_roles() ->
 
 
 @needs_helm
-def test_operator_runs_as_one_non_root_replica_with_a_read_only_root_filesystem() -> None:
+def test_two_replicas_elect_a_leader_and_a_drain_keeps_one_running() -> None:
     objects = render_chart()
     deployment = named(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2
+    env = rendered_env(objects)
+    assert env["FINETUNE_LEADER_ELECTION"] == "true"
+    assert env["FINETUNE_LEADER_ELECTION_NAMESPACE"] == "finetune-system"
+    pod_name = next(item for item in operator_container(objects)["env"] if item["name"] == "POD_NAME")
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    budget = named(objects, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    single = render_chart({"replicaCount": 1, "leaderElection": {"enabled": False}})
+    assert not of_kind(single, "PodDisruptionBudget")
+    assert "FINETUNE_LEADER_ELECTION" not in rendered_env(single)
+    assert not of_kind(single, "Role")
+
+
+@needs_helm
+def test_operator_runs_as_non_root_with_a_read_only_root_filesystem() -> None:
+    objects = render_chart()
+    deployment = named(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "finetune-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -236,7 +323,7 @@ def test_operator_runs_as_one_non_root_replica_with_a_read_only_root_filesystem(
 
 
 @needs_helm
-def test_liveness_probe_asks_kopf_health_endpoint_and_metrics_are_served() -> None:
+def test_liveness_probe_asks_the_operator_health_endpoint_and_metrics_are_served() -> None:
     objects = render_chart()
     container = operator_container(objects)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
@@ -256,7 +343,7 @@ def test_liveness_probe_asks_kopf_health_endpoint_and_metrics_are_served() -> No
 
 @needs_helm
 def test_rendered_settings_give_the_operator_its_own_defaults(clean_env: pytest.MonkeyPatch) -> None:
-    env = rendered_env(render_chart())
+    env = rendered_env(render_chart({"leaderElection": {"enabled": False}}))
     assert all(name.startswith("FINETUNE_") for name in env)
     assert "FINETUNE_DEFAULT_DESTINATION" not in env, "a null setting leaves the variable unset"
     for name, value in env.items():

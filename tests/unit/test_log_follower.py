@@ -1,102 +1,204 @@
-"""Log followers: one thread a job, throttled status patches, streams read again until the trainer ends."""
+"""Log followers: a coroutine a job, throttled status patches, streams resumed where they stopped until the end."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from finetune_contract.protocol import ProgressEvent, encode
+from finetune_operator.api.status import FineTuneJobStatus, Progress
+from finetune_operator.kube import Conflict
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.settings import Settings
+
+SETTINGS = Settings(progress_interval_seconds=0.2)
 
 
 def progress(step: int) -> str:
     return encode(ProgressEvent(step=step, total_steps=500, epoch=step / 500, loss=1.0))
 
 
-class FakeLogApi:
+def stamped(second: int, text: str) -> str:
+    return f"2026-11-28T12:00:{second:02d}.000000000Z {text}"
+
+
+Script = Callable[[str | None], AsyncIterator[str]]
+
+
+class FakeApi:
     """Serves scripted log streams per pod and records the status patches per FineTuneJob."""
 
-    def __init__(self, streams: dict[str, Callable[[], Iterator[str]]], terminated: Callable[[str], bool]) -> None:
-        self.streams = streams
+    def __init__(self, scripts: dict[str, Script], terminated: Callable[[str], bool]) -> None:
+        self.scripts = scripts
         self.terminated = terminated
-        self.reads: dict[str, int] = {}
+        self.since: dict[str, list[str | None]] = {}
         self.patches: dict[str, list[Mapping[str, Any]]] = {}
-        self.lock = threading.Lock()
+        self.gone: set[str] = set()
 
-    def follow_log(self, namespace: str, pod: str, container: str, idle_timeout: float) -> Iterator[str]:
-        with self.lock:
-            self.reads[pod] = self.reads.get(pod, 0) + 1
-        return self.streams[pod]()
+    def lines(
+        self, namespace: str, pod: str, container: str, since_time: str | None, idle_timeout: float
+    ) -> AsyncIterator[str]:
+        self.since.setdefault(pod, []).append(since_time)
+        return self.scripts[pod](since_time)
 
-    def container_terminated(self, namespace: str, pod: str, container: str) -> bool:
+    async def container_terminated(self, namespace: str, pod: str, container: str) -> bool:
         return self.terminated(pod)
 
-    def patch_finetunejob_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        with self.lock:
-            self.patches.setdefault(name, []).append(status)
+    def patch_log_fields(self, namespace: str, name: str, uid: str, fields: Mapping[str, Any]) -> None:
+        if name in self.gone:
+            raise Conflict(name)
+        self.patches.setdefault(name, []).append(fields)
 
 
 def stream(job: str) -> Stream:
     return Stream(namespace="ns", finetunejob=job, uid=f"uid-{job}", pod=f"{job}-pod", container="trainer")
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def followers(api: FakeApi, ended: list[Stream]) -> LogFollowers:
+    return LogFollowers(api, api, SETTINGS, ended.append, asyncio.get_running_loop(), backoff=lambda _: 0.0)
 
 
 def test_a_stalled_log_stream_never_delays_another_job() -> None:
-    release = threading.Event()
+    async def scenario() -> None:
+        release = asyncio.Event()
 
-    def stalled() -> Iterator[str]:
-        release.wait()
-        yield progress(1)
+        async def stalled(_: str | None) -> AsyncIterator[str]:
+            await release.wait()
+            yield stamped(1, progress(1))
 
-    def chatty() -> Iterator[str]:
-        yield from (progress(step) for step in range(1, 11))
+        async def chatty(_: str | None) -> AsyncIterator[str]:
+            for step in range(1, 11):
+                yield stamped(step, progress(step))
 
-    api = FakeLogApi({"stuck-pod": stalled, "fast-pod": chatty}, terminated=lambda pod: True)
-    ended: list[Stream] = []
-    followers = LogFollowers(api, Settings(progress_interval_seconds=0.01), on_end=ended.append)
-    followers.follow(stream("stuck"))
-    followers.follow(stream("fast"))
-    wait_until(lambda: stream("fast") in ended)
-    assert api.patches["fast"][-1]["progress"]["step"] == 10
-    assert "stuck" not in api.patches
-    release.set()
-    wait_until(lambda: stream("stuck") in ended)
-    assert api.patches["stuck"][-1]["progress"]["step"] == 1
+        api = FakeApi({"stuck-pod": stalled, "fast-pod": chatty}, terminated=lambda pod: pod == "fast-pod")
+        ended: list[Stream] = []
+        logs = followers(api, ended)
+        logs.follow(stream("stuck"), FineTuneJobStatus())
+        logs.follow(stream("fast"), FineTuneJobStatus())
+        await wait_until(lambda: stream("fast") in ended)
+        assert api.patches["fast"][-1]["progress"]["step"] == 10
+        assert "stuck" not in api.patches
+        assert logs.active == 1
+        release.set()
+        await logs.stop_all()
+
+    asyncio.run(scenario())
 
 
 def test_status_patches_are_throttled_and_the_last_state_is_always_written() -> None:
-    api = FakeLogApi({"job-pod": lambda: iter([progress(step) for step in range(1, 501)])}, lambda pod: True)
-    ended: list[Stream] = []
-    followers = LogFollowers(api, Settings(progress_interval_seconds=3600), on_end=ended.append)
-    followers.follow(stream("job"))
-    wait_until(lambda: bool(ended))
-    # 500 events inside one interval: the first patch at once, the final state when the stream ends.
-    assert [patch["progress"]["step"] for patch in api.patches["job"]] == [1, 500]
+    async def scenario() -> None:
+        async def burst(_: str | None) -> AsyncIterator[str]:
+            for step in range(1, 501):
+                yield stamped(1, progress(step))
+                await asyncio.sleep(0)  # a real stream waits for the network between chunks
+
+        api = FakeApi({"job-pod": burst}, terminated=lambda _: True)
+        ended: list[Stream] = []
+        followers(api, ended).follow(stream("job"), FineTuneJobStatus())
+        await wait_until(lambda: bool(ended))
+        steps = [patch["progress"]["step"] for patch in api.patches["job"]]
+        # 500 events in one burst: the first is written at once, the last when the stream ends.
+        assert steps[0] < 500
+        assert steps[-1] == 500
+        assert len(steps) <= 3
+
+    asyncio.run(scenario())
 
 
-def test_a_stream_that_ends_while_the_trainer_runs_is_read_again() -> None:
-    reads = {"job-pod": 0}
+def test_a_broken_stream_resumes_where_it_stopped_and_reads_nothing_twice() -> None:
+    log = [stamped(second, progress(second)) for second in range(1, 9)]
 
-    def log() -> Iterator[str]:
-        reads["job-pod"] += 1
-        yield from (progress(step) for step in range(1, 3 * reads["job-pod"] + 1))
+    async def scenario() -> None:
+        reads = 0
 
-    api = FakeLogApi({"job-pod": log}, terminated=lambda pod: reads["job-pod"] >= 2)
-    ended: list[Stream] = []
-    followers = LogFollowers(api, Settings(progress_interval_seconds=0.01), on_end=ended.append)
-    followers.follow(stream("job"))
-    wait_until(lambda: bool(ended))
-    assert api.reads["job-pod"] == 2
-    assert api.patches["job"][-1]["progress"]["step"] == 6
-    followers.follow(stream("job"))  # read to its end once: not followed again
-    time.sleep(0.05)
-    assert api.reads["job-pod"] == 2
+        async def flaky(since: str | None) -> AsyncIterator[str]:
+            nonlocal reads
+            reads += 1
+            served = [line for line in log if since is None or line[:19] >= since[:19]]
+            for index, line in enumerate(served):
+                if reads < 4 and index == 3:
+                    raise ConnectionResetError("kubelet went away")
+                yield line
+
+        api = FakeApi({"job-pod": flaky}, terminated=lambda _: reads >= 4)
+        ended: list[Stream] = []
+        followers(api, ended).follow(stream("job"), FineTuneJobStatus())
+        await wait_until(lambda: bool(ended))
+        assert api.since["job-pod"] == [None, "2026-11-28T12:00:03Z", "2026-11-28T12:00:05Z", "2026-11-28T12:00:07Z"]
+        tail = api.patches["job"][-1]["logs"].splitlines()
+        assert tail == [line.split(" ", 1)[1] for line in log]
+        assert api.patches["job"][-1]["progress"]["step"] == 8
+
+    asyncio.run(scenario())
+
+
+def test_an_outage_of_any_length_never_makes_the_follower_give_up() -> None:
+    async def scenario() -> None:
+        attempts = 0
+
+        async def down_for_a_while(_: str | None) -> AsyncIterator[str]:
+            nonlocal attempts
+            attempts += 1
+            if attempts <= 25:
+                raise ConnectionRefusedError("the API server is down")
+            yield stamped(1, progress(7))
+
+        api = FakeApi({"job-pod": down_for_a_while}, terminated=lambda _: attempts > 25)
+        ended: list[Stream] = []
+        followers(api, ended).follow(stream("job"), FineTuneJobStatus())
+        await wait_until(lambda: bool(ended))
+        assert attempts == 26
+        assert api.patches["job"][-1]["progress"]["step"] == 7
+
+    asyncio.run(scenario())
+
+
+def test_a_new_follower_starts_where_the_status_says_the_last_one_got_to() -> None:
+    async def scenario() -> None:
+        async def whole_log(since: str | None) -> AsyncIterator[str]:
+            for second in range(1, 9):
+                line = stamped(second, progress(second))
+                if since is None or line[:19] >= since[:19]:
+                    yield line
+
+        api = FakeApi({"job-pod": whole_log}, terminated=lambda _: True)
+        ended: list[Stream] = []
+        earlier = FineTuneJobStatus(
+            progress=Progress(step=5, total_steps=500, last_heartbeat="2026-11-28T12:00:05Z"), logs="line from before"
+        )
+        followers(api, ended).follow(stream("job"), earlier)
+        await wait_until(lambda: bool(ended))
+        assert api.since["job-pod"] == ["2026-11-28T12:00:05Z"]
+        last = api.patches["job"][-1]
+        assert last["progress"]["step"] == 8
+        assert last["logs"].splitlines() == ["line from before", *(progress(second) for second in range(5, 9))]
+
+    asyncio.run(scenario())
+
+
+def test_following_stops_when_the_finetunejob_is_gone_or_re_created() -> None:
+    async def scenario() -> None:
+        async def endless(_: str | None) -> AsyncIterator[str]:
+            step = 0
+            while True:
+                step += 1
+                yield stamped(1, progress(step))
+                await asyncio.sleep(0.01)
+
+        api = FakeApi({"job-pod": endless}, terminated=lambda _: False)
+        api.gone.add("job")
+        ended: list[Stream] = []
+        logs = followers(api, ended)
+        logs.follow(stream("job"), FineTuneJobStatus())
+        await wait_until(lambda: logs.active == 0)
+        assert ended == []
+        assert "job" not in api.patches
+
+    asyncio.run(scenario())

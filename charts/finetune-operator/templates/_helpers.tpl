@@ -51,10 +51,11 @@ app.kubernetes.io/part-of: finetune-operator
 
 {{/*
 What the operator does with the API, and nothing more (operator/finetune_operator/kube.py and handlers.py).
-No Secrets: trainer pods name them by reference, which needs no right on them.
+Secrets: only `get` of the webhook signing key's one name; trainer pods name Secrets by reference, which needs
+no right on them.
 */}}
 {{- define "finetune-operator.rules" -}}
-# kopf watches FineTuneJobs; the reconciler reads them and deletes one whose TTL after finishing has passed.
+# kopf watches FineTuneJobs (the periodic resync lists them); the reconciler deletes one whose TTL has passed.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "delete"]
@@ -66,28 +67,46 @@ No Secrets: trainer pods name them by reference, which needs no right on them.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# The validation and training Jobs: created, suspended/resumed (patch), deleted on cancel; watched by kopf.
+# The validation and training Jobs: created (read back when the name is taken, to check its owner),
+# suspended/resumed (patch), deleted on cancel; watched by kopf, listed by the periodic resync.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Trainer pods: watched by kopf, listed and read by the reconciler, their rank-0 log followed.
+# Trainer pods: watched by kopf, listed by the periodic resync, read when a followed log ends; rank 0's log.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
-# The input ConfigMap and the headless Service of the trainer pods.
+# The input ConfigMap and the headless Service of the trainer pods (read to check their owner).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "delete"]
+  verbs: ["get", "create", "delete"]
 # Events on FineTuneJobs (the operator's and kopf's own).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# The webhook signing key: Secrets of this one name only (resourceNames), to sign deliveries with.
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: [{{ .Values.settings.webhookSigningSecret | quote }}]
+  verbs: ["get"]
+{{- if .Values.api.enabled }}
+# Replicate's trainings API creates FineTuneJobs and cancels them (spec.cancel) for callers that a
+# SubjectAccessReview says may do the same.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["create", "patch"]
+{{- end }}
 {{- end }}
 
 {{/* The metrics Service's name: a Service name is a DNS label, at most 63 characters with its suffix. */}}
 {{- define "finetune-operator.metricsServiceName" -}}
 {{- printf "%s-metrics" (include "finetune-operator.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The API Service's name, like the metrics Service's. */}}
+{{- define "finetune-operator.apiServiceName" -}}
+{{- printf "%s-api" (include "finetune-operator.fullname" . | trunc 59 | trimSuffix "-") }}
 {{- end }}

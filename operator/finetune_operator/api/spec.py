@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
 from finetune_contract.inputs import TrainingInput
-from finetune_contract.uris import DestinationURI, WeightsURI
+from finetune_contract.uris import MAX_URI_LENGTH, DestinationURI, WeightsURI
 
 DEFAULT_MODEL = "meta/llama-2-7b"
 DEFAULT_GPU_PRODUCT = "NVIDIA-A40"
@@ -128,6 +129,66 @@ class EnvFromSource(KubeModel):
     config_map_ref: LocalObjectReference | None = None
 
 
+# Replicate's webhook events, in the order a training goes through them.
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "output", "logs", "completed")
+WEBHOOK_URL_SCHEMES = ("https", "http")
+DEFAULT_SIGNING_KEY = "key"
+
+
+def _webhook_url(field: str, description: str, **default: Any) -> Any:
+    rule: dict[str, JsonValue] = {
+        "rule": "self.matches('^https?://[^/].*$')",
+        "message": f"{field} must be an http:// or https:// URL",
+    }
+    return Field(
+        max_length=MAX_URI_LENGTH,
+        json_schema_extra={"x-kubernetes-validations": [rule]},
+        description=description,
+        **default,
+    )
+
+
+def _http_url(value: str) -> str:
+    # Only the scheme here, as the CEL rule does: which addresses a webhook may reach is the operator's setting.
+    parts = urlsplit(value)
+    if parts.scheme not in WEBHOOK_URL_SCHEMES or not parts.netloc:
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value
+
+
+WebhookURL = Annotated[str, AfterValidator(_http_url)]
+
+
+class SigningKeyReference(KubeModel):
+    """A key of a Secret in the FineTuneJob's namespace that holds a Standard Webhooks key (`whsec_<base64>`)."""
+
+    name: str = Field(min_length=1, max_length=DNS_NAME_LENGTH, description="The Secret's name.")
+    key: str = Field(DEFAULT_SIGNING_KEY, min_length=1, max_length=DNS_NAME_LENGTH, description="The key in it.")
+
+
+class WebhookSpec(KubeModel):
+    """Where to POST the training object (Replicate's shape) as the job goes on, signed per Standard Webhooks."""
+
+    url: WebhookURL = _webhook_url("spec.webhook.url", "Receives the events listed in `events`.")
+    events: list[WebhookEvent] = Field(
+        default=list(WEBHOOK_EVENTS),
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Which events `url` receives: start, output, logs, completed (output and logs at most one "
+        "per 500 ms).",
+    )
+    completed_url: WebhookURL | None = _webhook_url(
+        "spec.webhook.completedUrl", "Also receives the completed event (Replicate's webhook_completed).", default=None
+    )
+    signing_key_secret_ref: SigningKeyReference | None = Field(
+        None,
+        description="The signing key. Defaults to the operator's signing key Secret name (key `key`) in the "
+        "FineTuneJob's namespace; the operator may read only Secrets of that name.",
+    )
+
+
 class FineTuneJobSpec(KubeModel):
     """What to fine-tune (Replicate's inputs, the base model, the destination) and where it runs."""
 
@@ -182,3 +243,4 @@ class FineTuneJobSpec(KubeModel):
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the FineTuneJob this long after it finished."
     )
+    webhook: WebhookSpec | None = Field(None, description="Signed webhooks as the job goes on, as Replicate sends.")

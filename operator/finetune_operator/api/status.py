@@ -6,20 +6,23 @@ Each field has exactly one writer, so that two parts never undo each other's wri
   conditions, observedGeneration, createdAt, startedAt, completedAt, gpuSeconds, restarts, resolved, error,
   output, workload;
 - the log follower (`finetune_operator.trainer_log`, written by `finetune_operator.log_follower`): progress,
-  logs, validationSamples.
+  logs, validationSamples;
+- the webhook dispatcher (`finetune_operator.webhooks.deliveries`, written by
+  `finetune_operator.webhooks.dispatcher`): webhook.
 
-`STATE_MACHINE_FIELDS` and `LOG_FOLLOWER_FIELDS` say the same in code; a test checks that together they are
-every field, and that neither writer patches a field of the other.
+`STATE_MACHINE_FIELDS`, `LOG_FOLLOWER_FIELDS` and `WEBHOOK_DISPATCHER_FIELDS` say the same in code; a test
+checks that together they are every field, and that no writer patches a field of another.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import ConfigDict, Field
 
 from finetune_contract.protocol import Output, ResolvedRun
-from finetune_operator.api.spec import KubeModel
+from finetune_operator.api.spec import KubeModel, WebhookEvent
 
 
 class Phase(StrEnum):
@@ -106,6 +109,38 @@ class Workload(KubeModel):
     config_map: str | None = None
 
 
+class WebhookDelivery(KubeModel):
+    """One webhook message not delivered yet. Its id (the `webhook-id` header) stays the same on every attempt."""
+
+    id: str
+    event: WebhookEvent
+    target: Literal["url", "completedUrl"] = Field(description="Which of spec.webhook's URLs receives it.")
+    attempts: int = 0
+    next_attempt_at: str = Field(description="Not before this time (RFC 3339).")
+    first_attempt_at: str | None = None
+    last_error: str | None = None
+
+
+class WebhookStatus(KubeModel):
+    """Webhook delivery state: kept in the FineTuneJob, so deliveries go on after an operator restart."""
+
+    sequence: int = Field(0, description="Messages made so far; the last message's number.")
+    noticed: list[Literal["start", "completed"]] = Field(
+        default_factory=list,
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="The once-only events already turned into messages.",
+    )
+    logs_digest: str | None = Field(None, description="Digest of the logs last turned into a message.")
+    output_digest: str | None = Field(None, description="Digest of the output last turned into a message.")
+    pending: list[WebhookDelivery] = Field(default_factory=list, description="Messages to deliver, oldest first.")
+    delivered: int = Field(0, description="Messages the receiver accepted (2xx).")
+    failed: int = Field(0, description="Messages given up: refused addresses, or no success within the retry window.")
+    last_delivered: str | None = Field(None, description="Id of the last message accepted.")
+    last_intermediate_at: str | None = Field(None, description="When the last output or logs message was accepted.")
+    last_error: str | None = None
+
+
 class FineTuneJobStatus(KubeModel):
     """What the operator reports: phase, conditions, progress, the batch plan, logs, output weights."""
 
@@ -130,6 +165,7 @@ class FineTuneJobStatus(KubeModel):
     output: Output | None = None
     error: ErrorInfo | None = None
     workload: Workload | None = None
+    webhook: WebhookStatus | None = None
 
 
 # The wire (camelCase) names of the fields each writer owns; see the module's docstring.
@@ -152,3 +188,4 @@ STATE_MACHINE_FIELDS = frozenset(
     )
 )
 LOG_FOLLOWER_FIELDS = frozenset(("progress", "logs", "validationSamples"))
+WEBHOOK_DISPATCHER_FIELDS = frozenset(("webhook",))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from finetune_operator.api.status import FineTuneJobStatus, Phase
 from finetune_operator.lifecycle.failure_policy import pod_failure
 from finetune_operator.lifecycle.observation import Notice, Observation
-from finetune_operator.lifecycle.phase import Step
+from finetune_operator.lifecycle.phase import NAME_CONFLICT, Step
 
-_WARNING_REASONS = frozenset(("Unschedulable", "ValidationUnschedulable"))
+_WARNING_REASONS = frozenset(("Unschedulable", "ValidationUnschedulable", NAME_CONFLICT))
 
 
 def transition_notices(previous: FineTuneJobStatus, status: FineTuneJobStatus, step: Step) -> list[Notice]:

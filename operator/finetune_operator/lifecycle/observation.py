@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from finetune_operator.api.spec import FineTuneJobSpec
-from finetune_operator.api.status import FineTuneJobStatus
+from finetune_operator.api.status import ErrorInfo, FineTuneJobStatus
 from finetune_operator.naming import WorkloadNames
 
 # An object as the API server returns it (camelCase keys).
@@ -50,6 +50,10 @@ class Observation:
     validation_pods: Sequence[Manifest] = ()
     train_job: Manifest | None = None
     train_pods: Sequence[Manifest] = ()
+    # Objects that hold a child's name but are not this FineTuneJob's (e.g. a deleted namesake's, still going).
+    name_conflicts: Sequence[str] = ()
+    # The API server refused to create a child for good (invalid, forbidden by quota or policy).
+    rejected: ErrorInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Pending -> Validating -> Queued -> Starting -> Running -> Succeeded | Failed | C
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from finetune_contract.protocol import Output
@@ -25,6 +26,7 @@ from finetune_operator.lifecycle.observed import (
 
 # A condition to set: (status, reason, message).
 ConditionValue = tuple[str, str, str]
+NAME_CONFLICT = "NameConflict"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,32 @@ class Step:
 
 
 def evaluate(obs: Observation) -> Step:
+    step = _evaluate(obs)
+    if obs.name_conflicts and not step.phase.finished:
+        return _blocked(step, obs.name_conflicts)
+    return step
+
+
+def _blocked(step: Step, conflicts: Sequence[str]) -> Step:
+    """The step cannot go on while another object holds a child's name; it goes on by itself once freed."""
+    message = (
+        f"{'; '.join(conflicts)}: not owned by this FineTuneJob, so it is not used. "
+        "Waiting until the name is free (delete or rename that object)"
+    )
+    kind = ConditionType.VALIDATED if step.phase is Phase.VALIDATING else ConditionType.ADMITTED
+    state = "Unknown" if kind is ConditionType.VALIDATED else "False"
+    return replace(
+        step,
+        reason=NAME_CONFLICT,
+        message=message,
+        conditions={**step.conditions, kind: (state, NAME_CONFLICT, message)},
+    )
+
+
+def _evaluate(obs: Observation) -> Step:
+    if obs.rejected is not None:
+        validated = condition_status(obs.status, ConditionType.VALIDATED) == "True"
+        return failed(obs.rejected, validated=validated)
     if obs.spec is None or obs.spec_error is not None:
         message = obs.spec_error or "the spec cannot be read"
         return failed(ErrorInfo(reason="InvalidSpec", message=message), validated=False)

@@ -7,7 +7,7 @@ from finetune_operator.lifecycle.conditions import set_condition
 from finetune_operator.lifecycle.gpu_seconds import gpu_seconds
 from finetune_operator.lifecycle.notices import retry_notices, transition_notices
 from finetune_operator.lifecycle.observation import Action, Decision, Observation
-from finetune_operator.lifecycle.observed import job_failed_pods, rank0_output
+from finetune_operator.lifecycle.observed import job_failed_pods, rank0_output, trainer_state
 from finetune_operator.lifecycle.phase import Step, evaluate
 from finetune_operator.lifecycle.resolved import batch_notices, resolve_status
 from finetune_operator.lifecycle.ttl import ttl_after_finished
@@ -15,6 +15,8 @@ from finetune_operator.timestamps import timestamp
 
 # While a job is active, look again this often even without events: gpuSeconds and timeouts move with time.
 ACTIVE_RESYNC_SECONDS = 30.0
+# gpuSeconds moves with the clock; it is written at a transition, or when it has grown by this much running time.
+GPU_SECONDS_REFRESH = 60.0
 
 
 def decide(obs: Observation) -> Decision:
@@ -65,7 +67,6 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
     if step.phase.finished and completed_at is None:
         completed_at = now
     spec = obs.spec
-    held = gpu_seconds(spec.resources.gpus_per_node, obs.train_pods, obs.now) if spec is not None else 0
     restarts = job_failed_pods(obs.train_job)
     return previous.model_copy(
         update={
@@ -77,7 +78,7 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
             "created_at": previous.created_at or obs.created_at,
             "started_at": started_at,
             "completed_at": completed_at,
-            "gpu_seconds": max(held, previous.gpu_seconds or 0) or previous.gpu_seconds,
+            "gpu_seconds": _gpu_seconds(obs, step),
             "restarts": restarts if restarts else previous.restarts,
             "resolved": resolve_status(spec, obs) if spec is not None else previous.resolved,
             "error": step.error or (None if step.phase is not Phase.FAILED else previous.error),
@@ -94,3 +95,21 @@ def _workload(obs: Observation) -> Workload | None:
     names = obs.names
     service = names.service if obs.spec.resources.nodes > 1 else None
     return Workload(job=names.train_job, service=service, config_map=names.config_map)
+
+
+def _gpu_seconds(obs: Observation, step: Step) -> int | None:
+    """The GPU time held so far, refreshed only at a transition or after GPU_SECONDS_REFRESH of running time.
+
+    A write for every second that passed would make each reconcile write, and each write cause a reconcile.
+    """
+    previous = obs.status.gpu_seconds
+    if obs.spec is None:
+        return previous
+    gpus = obs.spec.resources.gpus_per_node
+    held = gpu_seconds(gpus, obs.train_pods, obs.now)
+    if previous is None:
+        return held or None
+    if step.phase is not obs.status.phase or step.phase.finished:
+        return max(held, previous)
+    running = sum(1 for pod in obs.train_pods if trainer_state(pod).get("running"))
+    return held if held - previous >= running * gpus * GPU_SECONDS_REFRESH else previous

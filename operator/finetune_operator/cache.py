@@ -1,0 +1,172 @@
+"""What the watches have told the operator: FineTuneJobs, their Jobs and their pods, indexed for reconciles.
+
+A reconcile reads only from here, never from the API server (controller-runtime's informer cache). The watches
+stream only the operator's own children (a server-side label selector), so unrelated pods never reach memory.
+An object is replaced only by a newer resourceVersion, so a late watch event never undoes the response of the
+operator's own write. A periodic relist (`replace_children`) drops what a watch missed while it was down.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_operator.conventions import JOB_NAME_LABEL
+
+Obj = dict[str, Any]
+Key = tuple[str, str]
+
+
+def _resource_version(obj: Mapping[str, Any]) -> int:
+    # resourceVersions are opaque to clients, but etcd's are increasing integers; one that is not compares lowest.
+    value = str(obj.get("metadata", {}).get("resourceVersion", ""))
+    return int(value) if value.isdigit() else -1
+
+
+def _key(obj: Mapping[str, Any]) -> Key:
+    metadata = obj["metadata"]
+    return metadata.get("namespace", ""), metadata["name"]
+
+
+def finetunejob_key(child: Mapping[str, Any]) -> Key | None:
+    """The FineTuneJob a child of ours belongs to, by its job-name label."""
+    metadata = child.get("metadata", {})
+    name = (metadata.get("labels") or {}).get(JOB_NAME_LABEL)
+    return None if name is None else (metadata.get("namespace", ""), name)
+
+
+@dataclass
+class _Store:
+    objects: dict[Key, Obj] = field(default_factory=dict)
+
+    def upsert(self, obj: Obj) -> bool:
+        key = _key(obj)
+        current = self.objects.get(key)
+        if current is not None and _resource_version(current) > _resource_version(obj):
+            return False
+        self.objects[key] = obj
+        return True
+
+    def remove(self, obj: Mapping[str, Any]) -> None:
+        key = _key(obj)
+        current = self.objects.get(key)
+        # A re-created namesake may already be here: remove only the object that was deleted.
+        if current is not None and current["metadata"].get("uid") == obj.get("metadata", {}).get("uid"):
+            del self.objects[key]
+
+
+class Cache:
+    """Thread-safe: kopf's event loop writes, the reconcile workers read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._finetunejobs = _Store()
+        self._jobs = _Store()
+        self._pods = _Store()
+        # The pods of each FineTuneJob, by its key: a reconcile lists them without scanning every pod.
+        self._pods_by_owner: dict[Key, set[Key]] = {}
+
+    # --- writes, from the watches and from the operator's own responses --------------------------------------
+
+    def upsert_finetunejob(self, obj: Obj) -> None:
+        with self._lock:
+            self._finetunejobs.upsert(obj)
+
+    def remove_finetunejob(self, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._finetunejobs.remove(obj)
+
+    def replace_finetunejobs(self, finetunejobs: Iterable[Obj]) -> set[Key]:
+        """A fresh list of every FineTuneJob: drop what is gone, keep what is newer. Returns the keys touched."""
+        listed = {_key(obj): obj for obj in finetunejobs}
+        with self._lock:
+            gone = set(self._finetunejobs.objects) - set(listed)
+            for key in gone:
+                del self._finetunejobs.objects[key]
+            changed = {key for key, obj in listed.items() if self._finetunejobs.upsert(obj)}
+        return gone | changed
+
+    def phase_counts(self) -> dict[str, int]:
+        """FineTuneJobs by status.phase (Pending for those without one yet)."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for obj in self._finetunejobs.objects.values():
+                phase = str((obj.get("status") or {}).get("phase") or "Pending")
+                counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+    def upsert_job(self, obj: Obj) -> None:
+        with self._lock:
+            self._jobs.upsert(obj)
+
+    def remove_job(self, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._jobs.remove(obj)
+
+    def upsert_pod(self, obj: Obj) -> None:
+        with self._lock:
+            if self._pods.upsert(obj):
+                owner = finetunejob_key(obj)
+                if owner is not None:
+                    self._pods_by_owner.setdefault(owner, set()).add(_key(obj))
+
+    def remove_pod(self, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._pods.remove(obj)
+            owner = finetunejob_key(obj)
+            if owner is not None and _key(obj) not in self._pods.objects:
+                members = self._pods_by_owner.get(owner)
+                if members is not None:
+                    members.discard(_key(obj))
+                    if not members:
+                        del self._pods_by_owner[owner]
+
+    def replace_children(self, jobs: Iterable[Obj], pods: Iterable[Obj]) -> set[Key]:
+        """A fresh list of every child: drop what is gone, keep what is newer. Returns the FineTuneJobs touched."""
+        listed_jobs = {_key(job): job for job in jobs}
+        listed_pods = {_key(pod): pod for pod in pods}
+        touched: set[Key] = set()
+        with self._lock:
+            for store, listed in ((self._jobs, listed_jobs), (self._pods, listed_pods)):
+                for key, obj in list(store.objects.items()):
+                    if key not in listed:
+                        del store.objects[key]
+                        owner = finetunejob_key(obj)
+                        if owner is not None:
+                            touched.add(owner)
+                for obj in listed.values():
+                    if store.upsert(obj):
+                        owner = finetunejob_key(obj)
+                        if owner is not None:
+                            touched.add(owner)
+            self._pods_by_owner = {}
+            for key, pod in self._pods.objects.items():
+                owner = finetunejob_key(pod)
+                if owner is not None:
+                    self._pods_by_owner.setdefault(owner, set()).add(key)
+        return touched
+
+    # --- reads, for the reconcilers ------------------------------------------------------------------------
+
+    def finetunejob(self, namespace: str, name: str) -> Obj | None:
+        with self._lock:
+            return self._finetunejobs.objects.get((namespace, name))
+
+    def job(self, namespace: str, name: str) -> Obj | None:
+        with self._lock:
+            return self._jobs.objects.get((namespace, name))
+
+    def pods_of(self, namespace: str, finetunejob: str) -> list[Obj]:
+        with self._lock:
+            keys = self._pods_by_owner.get((namespace, finetunejob), set())
+            return [self._pods.objects[key] for key in sorted(keys) if key in self._pods.objects]
+
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "finetunejobs": len(self._finetunejobs.objects),
+                "jobs": len(self._jobs.objects),
+                "pods": len(self._pods.objects),
+            }
