@@ -20,7 +20,15 @@ from finetune_contract.protocol import (
     StartEvent,
     parse_line,
 )
-from finetune_operator.api.status import FineTuneJobStatus, Progress, ValidationSample
+from finetune_operator.api.status import (
+    MAX_EVAL_POINTS,
+    MAX_TRAIN_POINTS,
+    FineTuneJobStatus,
+    LossHistory,
+    LossPoint,
+    Progress,
+    ValidationSample,
+)
 from finetune_operator.timestamps import timestamp
 
 MAX_SAMPLES = 10
@@ -48,6 +56,36 @@ class EventBudget:
         return True
 
 
+class LossCurve:
+    """One loss curve of at most `limit` points, evenly spaced by step.
+
+    A point is kept when it is `spacing` steps past the last kept one; when the curve is full, every other point
+    goes and the spacing doubles. The newest point is always shown, so the curve ends where the run is.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept: list[LossPoint] = []
+        self._newest: LossPoint | None = None
+        self._spacing = 1
+
+    def add(self, point: LossPoint) -> None:
+        if self._kept and point.step - self._kept[-1].step < self._spacing:
+            self._newest = point
+            return
+        self._kept.append(point)
+        self._newest = None
+        if len(self._kept) >= self._limit:  # one place stays free for the newest point
+            self._kept = self._kept[::2]
+            self._spacing *= 2
+            if self._kept[-1] is not point:
+                self._newest = point
+
+    @property
+    def points(self) -> list[LossPoint]:
+        return self._kept if self._newest is None else [*self._kept, self._newest]
+
+
 class TrainerLog:
     """Accumulates one trainer log stream; `changed` says whether the status needs a patch.
 
@@ -62,6 +100,8 @@ class TrainerLog:
         self._deferred: str | None = None
         self.progress = Progress()
         self.samples: list[ValidationSample] = []
+        self.train_loss = LossCurve(MAX_TRAIN_POINTS)
+        self.eval_loss = LossCurve(MAX_EVAL_POINTS)
         self.events = 0
         self.changed = False
 
@@ -69,6 +109,11 @@ class TrainerLog:
         """Start from what an earlier follower (or operator) already wrote."""
         if status.progress is not None:
             self.progress = status.progress
+        if status.loss_history is not None:
+            for point in status.loss_history.train:
+                self.train_loss.add(point)
+            for point in status.loss_history.eval:
+                self.eval_loss.add(point)
         self.samples = list(status.validation_samples)[-MAX_SAMPLES:]
         if status.logs:
             self._tail.extend(status.logs.split("\n"))
@@ -121,8 +166,12 @@ class TrainerLog:
                 eta_seconds=None if event.eta_seconds is None else math.ceil(event.eta_seconds),
                 last_heartbeat=heartbeat,
             )
+            if event.loss is not None:
+                self.train_loss.add(LossPoint(step=event.step, epoch=round(event.epoch, 3), loss=round(event.loss, 4)))
         elif isinstance(event, EvalEvent):
             self._update(eval_loss=_rounded(event.eval_loss), epoch=round(event.epoch, 3), last_heartbeat=heartbeat)
+            point = LossPoint(step=self.progress.step or 0, epoch=round(event.epoch, 3), loss=round(event.eval_loss, 4))
+            self.eval_loss.add(point)
         elif isinstance(event, SampleEvent):
             sample = ValidationSample(
                 epoch=event.epoch,
@@ -156,6 +205,9 @@ class TrainerLog:
         progress = self.progress.model_dump(by_alias=True, exclude_none=True)
         if progress:
             patch["progress"] = progress
+        if self.train_loss.points or self.eval_loss.points:
+            history = LossHistory(train=self.train_loss.points, eval=self.eval_loss.points)
+            patch["lossHistory"] = history.model_dump(by_alias=True)
         if self.samples:
             patch["validationSamples"] = [sample.model_dump(by_alias=True) for sample in self.samples]
         return patch

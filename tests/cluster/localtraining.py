@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from s3server import ACCESS_KEY, SECRET_KEY, S3Server
+from s3server import CREDENTIALS, S3Server
 
 from finetune_contract.inputs import TrainingInput
 
@@ -81,7 +81,7 @@ def storage_access(s3: S3Server) -> list[dict[str, Any]]:
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": CREDENTIALS_SECRET},
-            "stringData": {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY},
+            "stringData": {name: CREDENTIALS[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
         },
     ]
 

@@ -6,20 +6,33 @@
   (its pods are gone when the next test starts).
 - `pod_logs`: `pod_logs(namespace, pod, container=None)` registers a CRI-format log file for a pod and
   returns a `kwokpods.PodLogs` writer; `kubectl logs` (also `-f`) of the pod returns what is written.
+- `cluster`: the FineTuneJob CRD installed and every pod of the namespace serving one log file, which the test
+  writes as the trainer would (a `finetune_harness.Cluster`);
+- `operator`: `finetune-operator run` watching the namespace, as a real process.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_harness import Cluster, OperatorProcess, install_crd
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kwokpods import PodLogs, PodLogsFactory, register_pod_logs, unregister_namespace_logs, wait_for
+from kwokpods import (
+    PodLogs,
+    PodLogsFactory,
+    register_namespace_logs,
+    register_pod_logs,
+    unregister_namespace_logs,
+    wait_for,
+)
 from testcluster import DevCluster, DevClusterFailed, running_cluster
 
 
@@ -80,3 +93,20 @@ def pod_logs(devcluster: DevCluster) -> PodLogsFactory:
         )
 
     return make
+
+
+@pytest.fixture
+def cluster(devcluster: DevCluster, namespace: str) -> Cluster:
+    install_crd(devcluster.api)
+    # Every pod in the test's namespace serves this file as its log: the test writes the trainer's output there.
+    logs = register_namespace_logs(devcluster.api, namespace, devcluster.pod_log_file(namespace, "all-pods"))
+    return Cluster(devcluster, namespace, logs)
+
+
+@pytest.fixture
+def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+    sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")

@@ -8,17 +8,13 @@ the operator process, the Job controller, the scheduler, garbage collection.
 from __future__ import annotations
 
 import re
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
-from finetune_harness import DESTINATION, EXAMPLES, Cluster, OperatorProcess, install_crd, trainer_log_lines
+from finetune_harness import DESTINATION, EXAMPLES, Cluster, OperatorProcess, trainer_log_lines
 from kubernetes import client
-from kwokpods import register_namespace_logs, terminate_pod, wait_for
-from testcluster import DevCluster
+from kwokpods import terminate_pod, wait_for
 
 from finetune_contract.protocol import (
     EXIT_USER_ERROR,
@@ -31,23 +27,6 @@ from finetune_contract.protocol import (
 from finetune_operator.api import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cluster(devcluster: DevCluster, namespace: str) -> Cluster:
-    install_crd(devcluster.api)
-    # Every pod in the test's namespace serves this file as its log: the test writes the trainer's output there.
-    logs = register_namespace_logs(devcluster.api, namespace, devcluster.pod_log_file(namespace, "all-pods"))
-    return Cluster(devcluster, namespace, logs)
-
-
-@pytest.fixture
-def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
-    process.start()
-    yield process
-    process.stop()
-    sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
 
 
 OUTPUT = OutputEvent(

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.trainer
 
 
 def _trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], **inputs: Any) -> Any:
-    from finetune_trainer.data import DataFormat, Split
+    from finetune_contract.training_data import DataFormat
+    from finetune_trainer.data import Split
     from finetune_trainer.model import load_base_model, load_tokenizer
     from finetune_trainer.train import build_trainer
 

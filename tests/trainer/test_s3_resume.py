@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
-from s3server import S3Server, running_s3_server
+from s3server import S3ServerFailed, s3_server
 
 from finetune_contract.protocol import CheckpointEvent, OutputEvent, ProgressEvent, StartEvent, parse_line
 
@@ -24,16 +24,30 @@ BUCKET = "finetunes"
 
 
 @pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3Server]:
-    with running_s3_server(BUCKET) as server:
-        yield server
+def s3_endpoint() -> Iterator[str]:
+    try:
+        with s3_server() as endpoint:
+            yield endpoint
+    except S3ServerFailed as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Any:
-    for name, value in s3_server.env().items():
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+    }
+    for name, value in credentials.items():
         monkeypatch.setenv(name, value)
-    return s3_server.filesystem()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    return fs
 
 
 def _read_until_checkpoint(process: subprocess.Popen[str], epoch: int) -> list[str]:

@@ -1,4 +1,6 @@
-"""`finetune-trainer validate`: every row checked with its line number; bad data never reaches training."""
+"""`finetune-trainer validate`: every row checked with its line number; bad data never reaches training.
+
+The row rules themselves are the contract's (tests/unit/test_training_data.py)."""
 
 from __future__ import annotations
 
@@ -9,44 +11,11 @@ import pytest
 from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
 
 from finetune_contract.protocol import EXIT_USER_ERROR, ErrorEvent, StartEvent, ValidatedEvent, parse_line
-from finetune_trainer.data import parse_rows
-from finetune_trainer.errors import UserError
 
 pytestmark = pytest.mark.trainer
 
 CHUNK = 16  # text_rows(40) run from 6 to 22 tokens: 16 of 40 rows are longer
 GOOD = '{"prompt": "a", "completion": "b"}\n'
-
-BAD_DATA = [
-    pytest.param(GOOD * 16 + '{"prompt": "a"}\n', 'train_data line 17: missing "completion"', id="missing-completion"),
-    pytest.param(GOOD + '{"completion": "b"}\n', 'train_data line 2: missing "prompt"', id="missing-prompt"),
-    pytest.param(GOOD + '{"prompt": "a", "completion": \n', "train_data line 2: not valid JSON", id="invalid-json"),
-    pytest.param(GOOD + '["a", "b"]\n', "train_data line 2: expected a JSON object, got list", id="not-an-object"),
-    pytest.param(GOOD + '{"input": "a"}\n', 'train_data line 2: expected "text" or "prompt"', id="unknown-keys"),
-    pytest.param(GOOD + '{"prompt": "a", "completion": 3}\n', 'line 2: "completion" must be a string', id="not-str"),
-    pytest.param(GOOD + '{"prompt": "a", "completion": "  "}\n', 'line 2: "completion" is empty', id="empty"),
-    pytest.param(GOOD + '{"text": "abc"}\n', 'train_data line 2: {"text"} row, but line 1 is a', id="mixed"),
-    pytest.param('{"text": "a", "prompt": "b", "completion": "c"}\n', "train_data line 1: has both", id="both"),
-    pytest.param(GOOD + '{"text": "\xff"}\n', "train_data line 2: not valid UTF-8", id="bad-utf8"),
-    pytest.param("\n\n", "train_data: no rows", id="empty-file"),
-]
-
-
-@pytest.mark.parametrize(("content", "message"), BAD_DATA)
-def test_bad_rows_are_rejected_with_their_line_number(content: str, message: str) -> None:
-    raw = content.encode("latin-1") if "\xff" in content else content.encode()
-    with pytest.raises(UserError) as caught:
-        parse_rows(raw, "train_data")
-    assert caught.value.reason == "InvalidTrainingData"
-    assert message in caught.value.message
-
-
-def test_blank_lines_are_skipped_and_line_numbers_stay_physical() -> None:
-    with pytest.raises(UserError, match="line 4: missing"):
-        parse_rows(f'{GOOD}\n\n{{"prompt": "x"}}\n'.encode(), "train_data")
-    rows = parse_rows(f"\n{GOOD}\n{GOOD}".encode(), "train_data")
-    assert rows.format == "prompt_completion"
-    assert len(rows.rows) == 2
 
 
 def test_validate_exits_with_the_user_error_code_and_reports_the_line(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -377,3 +377,26 @@ def test_settings_set_at_install_reach_the_operator(clean_env: pytest.MonkeyPatc
     assert settings.metrics_port == 9090
     assert {port["name"]: port["containerPort"] for port in operator_container(objects)["ports"]}["metrics"] == 9090
     assert json.loads(rendered_env(objects)["FINETUNE_MODEL_WEIGHTS"]) == changed["modelWeights"]
+
+
+@needs_helm
+def test_the_data_location_is_published_for_kubectl_ftj_to_every_authenticated_user() -> None:
+    assert not [obj for obj in render_chart() if obj["metadata"]["name"] == "kubectl-ftj"], "unset: nothing published"
+    objects = render_chart({"client": {"dataLocation": "s3://finetune-data/uploads"}})
+    config_map = named_exactly(objects, "ConfigMap", "kubectl-ftj")
+    assert config_map["metadata"]["namespace"] == "finetune-system"
+    assert config_map["data"] == {"dataLocation": "s3://finetune-data/uploads"}
+    role = named_exactly(objects, "Role", "finetune-operator-client-config")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kubectl-ftj"], "verbs": ["get"]}
+    ]
+    binding = named_exactly(objects, "RoleBinding", "finetune-operator-client-config")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:authenticated"}
+    ]
+
+
+def named_exactly(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [found] = [obj for obj in of_kind(objects, kind) if obj["metadata"]["name"] == name]
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 
 from finetune_contract.protocol import (
@@ -107,3 +108,41 @@ def test_garbage_and_unknown_events_are_plain_log_lines() -> None:
         log.feed(line, NOW)
     assert log.events == 0
     assert "progress" not in log.status_patch()
+
+
+def test_loss_history_of_a_long_run_stays_within_two_hundred_evenly_spaced_points() -> None:
+    log = TrainerLog(tail_lines=10, tail_bytes=4096)
+    total = 100_000
+    for step in range(1, total + 1):
+        log.feed(
+            encode(ProgressEvent(step=step, total_steps=total, epoch=3 * step / total, loss=3 - step / total)), NOW
+        )
+        if step % 1000 == 0:
+            log.feed(encode(EvalEvent(epoch=3 * step / total, eval_loss=2.5 - step / total)), NOW)
+    history = log.status_patch()["lossHistory"]
+    assert len(history["train"]) + len(history["eval"]) <= 200
+    train_steps = [point["step"] for point in history["train"]]
+    assert train_steps[0] == 1
+    assert train_steps[-1] == total  # the newest point is always there
+    spacings = {later - earlier for earlier, later in itertools.pairwise(train_steps[:-1])}
+    assert len(spacings) == 1  # evenly thinned
+    assert len(train_steps) > 80  # and not thinned more than it must be
+    assert history["eval"][-1] == {"step": total, "epoch": 3.0, "loss": 1.5}
+    assert len(history["eval"]) > 20
+
+
+def test_loss_history_keeps_every_point_of_a_short_run() -> None:
+    log = TrainerLog(tail_lines=10, tail_bytes=4096)
+    for step in range(1, 31):
+        log.feed(encode(ProgressEvent(step=step, total_steps=30, epoch=step / 10, loss=2.5 - step * 0.05)), NOW)
+    log.feed(encode(EvalEvent(epoch=3, eval_loss=1.2)), NOW)
+    history = log.status_patch()["lossHistory"]
+    assert [point["step"] for point in history["train"]] == list(range(1, 31))
+    assert history["train"][0] == {"step": 1, "epoch": 0.1, "loss": 2.45}
+    assert history["eval"] == [{"step": 30, "epoch": 3.0, "loss": 1.2}]
+
+
+def test_a_start_without_losses_writes_no_history() -> None:
+    log = TrainerLog(tail_lines=10, tail_bytes=4096)
+    log.feed(encode(StartEvent(world_size=8, total_steps=30, epochs=3)), NOW)
+    assert "lossHistory" not in log.status_patch()

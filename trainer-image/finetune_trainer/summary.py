@@ -7,7 +7,8 @@ from typing import Any
 
 from finetune_contract.batching import plan_batches
 from finetune_contract.inputs import TrainingInput
-from finetune_trainer.data import Row, Split
+from finetune_contract.training_data import Row
+from finetune_trainer.data import Split
 
 
 def token_lengths(rows: list[Row], tokenizer: Any) -> list[int]:

@@ -6,7 +6,7 @@ Each field has exactly one writer, so that two parts never undo each other's wri
   conditions, observedGeneration, createdAt, startedAt, completedAt, gpuSeconds, restarts, resolved, error,
   output, workload;
 - the log follower (`finetune_operator.trainer_log`, written by `finetune_operator.log_follower`): progress,
-  logs, validationSamples;
+  logs, validationSamples, lossHistory;
 - the webhook dispatcher (`finetune_operator.webhooks.deliveries`, written by
   `finetune_operator.webhooks.dispatcher`): webhook.
 
@@ -58,6 +58,10 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     CANCELED = "Canceled"
     SUSPENDED = "Suspended"
+    # kstatus (Flux, cli-utils, `kubectl wait`): derived from the phase by `finetune_operator.lifecycle.kstatus`.
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
 
 
 class Condition(KubeModel):
@@ -88,6 +92,24 @@ class Resolved(KubeModel, ResolvedRun):
     """The batch plan and data sizes the run actually uses."""
 
     model_config = ConfigDict(frozen=False, extra="forbid")
+
+
+class LossPoint(KubeModel):
+    step: int
+    epoch: float
+    loss: float
+
+
+# The curves fit in a status at most MAX_TRAIN_POINTS + MAX_EVAL_POINTS = 200 points long, whatever the run's length.
+MAX_TRAIN_POINTS = 160
+MAX_EVAL_POINTS = 40
+
+
+class LossHistory(KubeModel):
+    """The train and eval loss over the run, thinned evenly as it grows; the newest point is always there."""
+
+    train: list[LossPoint] = Field(default_factory=list, max_length=MAX_TRAIN_POINTS)
+    eval: list[LossPoint] = Field(default_factory=list, max_length=MAX_EVAL_POINTS)
 
 
 class ValidationSample(KubeModel):
@@ -161,6 +183,9 @@ class FineTuneJobStatus(KubeModel):
     progress: Progress | None = None
     resolved: Resolved | None = None
     validation_samples: list[ValidationSample] = Field(default_factory=list)
+    loss_history: LossHistory | None = Field(
+        None, description="Train and eval loss curves, downsampled to at most 200 points (the log follower's)."
+    )
     logs: str | None = Field(None, description="The last lines of the rank-0 trainer log (bounded).")
     output: Output | None = None
     error: ErrorInfo | None = None
@@ -187,5 +212,5 @@ STATE_MACHINE_FIELDS = frozenset(
         "workload",
     )
 )
-LOG_FOLLOWER_FIELDS = frozenset(("progress", "logs", "validationSamples"))
+LOG_FOLLOWER_FIELDS = frozenset(("progress", "logs", "validationSamples", "lossHistory"))
 WEBHOOK_DISPATCHER_FIELDS = frozenset(("webhook",))

@@ -12,6 +12,7 @@ transition comes with a Kubernetes Event. One policy per module:
 - `gpu_seconds`: GPU time held by the trainer pods;
 - `resolved`: status.resolved (batch plan and data sizes) and its Warning;
 - `conditions`, `notices`: conditions and Events;
+- `kstatus`: the Ready, Reconciling and Stalled conditions (Flux, cli-utils, `kubectl wait`) from the phase;
 - `observed`: readers of the observed pods and Jobs;
 - `state_machine`: `decide`, which composes them.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 from finetune_operator.api.status import FineTuneJobStatus, Phase, Workload
 from finetune_operator.lifecycle.conditions import set_condition
 from finetune_operator.lifecycle.gpu_seconds import gpu_seconds
+from finetune_operator.lifecycle.kstatus import with_kstatus_conditions
 from finetune_operator.lifecycle.notices import retry_notices, transition_notices
 from finetune_operator.lifecycle.observation import Action, Decision, Observation
 from finetune_operator.lifecycle.observed import job_failed_pods, rank0_output, trainer_state
@@ -49,6 +50,9 @@ def _after_finish(obs: Observation) -> Decision:
         output = rank0_output(obs.train_pods)
         if output is not None:
             status = status.model_copy(update={"output": output})
+    # A spec changed after the finish is observed too, so that kstatus readers see the job settled.
+    status = status.model_copy(update={"observed_generation": obs.generation})
+    status = with_kstatus_conditions(status, timestamp(obs.now), obs.generation)
     return Decision(status=status, actions=actions, requeue_after=ttl.requeue_after)
 
 
@@ -68,7 +72,7 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
         completed_at = now
     spec = obs.spec
     restarts = job_failed_pods(obs.train_job)
-    return previous.model_copy(
+    status = previous.model_copy(
         update={
             "phase": step.phase,
             "reason": step.reason,
@@ -86,6 +90,7 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
             "workload": _workload(obs) or previous.workload,
         }
     )
+    return with_kstatus_conditions(status, now, obs.generation)
 
 
 def _workload(obs: Observation) -> Workload | None:

@@ -1,0 +1,3 @@
+from finetune_operator.kubectl_plugin import main
+
+raise SystemExit(main())
