@@ -19,6 +19,9 @@ class TrainerConfig(BaseModel):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=0, description="GPUs per node; 0 trains on the CPU, one process per node.")
     job: str = Field("", description="namespace/name of the FineTuneJob, for log lines and metadata.")
+    run_uid: str = Field(
+        "", description="The FineTuneJob's UID: part of the checkpoints' fingerprint, so no other run resumes them."
+    )
 
     @property
     def processes_per_node(self) -> int:

@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_operator.conventions import JOB_NAME_LABEL
+from finetune_operator.lifecycle.observation import ChildWarning
+from finetune_operator.timestamps import parse_timestamp
 
 Obj = dict[str, Any]
 Key = tuple[str, str]
+# Warning Events kept per FineTuneJob: the newest few say what is wrong now.
+MAX_WARNINGS = 10
+# The Warning Events that tell a user why a child is stuck and that nothing else shows: the Job controller
+# cannot create pods, a volume cannot be attached or mounted. (The scheduler's and the kubelet's other news is
+# in the pods' own conditions and container states.)
+_TELLING_WARNINGS = frozenset(("FailedCreate", "FailedMount", "FailedAttachVolume"))
 
 
 def _resource_version(obj: Mapping[str, Any]) -> int:
@@ -67,6 +75,7 @@ class Cache:
         self._pods = _Store()
         # The pods of each FineTuneJob, by its key: a reconcile lists them without scanning every pod.
         self._pods_by_owner: dict[Key, set[Key]] = {}
+        self._warnings: dict[Key, list[ChildWarning]] = {}
 
     # --- writes, from the watches and from the operator's own responses --------------------------------------
 
@@ -148,6 +157,38 @@ class Cache:
                     self._pods_by_owner.setdefault(owner, set()).add(key)
         return touched
 
+    def add_warning(self, event: Mapping[str, Any]) -> Key | None:
+        """A Warning Event: kept for the FineTuneJob whose Job or pod it is about. Returns that FineTuneJob."""
+        if event.get("reason") not in _TELLING_WARNINGS:
+            return None
+        involved = event.get("involvedObject") or {}
+        kind, namespace, name = involved.get("kind"), involved.get("namespace", ""), involved.get("name", "")
+        with self._lock:
+            store = {"Job": self._jobs, "Pod": self._pods}.get(str(kind))
+            child = None if store is None else store.objects.get((namespace, name))
+            if child is None or child["metadata"].get("uid") != involved.get("uid"):
+                return None
+            owner = finetunejob_key(child)
+            if owner is None:
+                return None
+            stamp = event.get("firstTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
+            warning = ChildWarning(
+                kind=str(kind),
+                name=name,
+                reason=str(event.get("reason", "")),
+                message=str(event.get("message", ""))[:1024],
+                first_seen=parse_timestamp(str(stamp)),
+            )
+            kept = [
+                w for w in self._warnings.get(owner, []) if (w.kind, w.name, w.reason) != (kind, name, warning.reason)
+            ]
+            self._warnings[owner] = [*kept, warning][-MAX_WARNINGS:]
+        return owner
+
+    def forget_warnings(self, namespace: str, finetunejob: str) -> None:
+        with self._lock:
+            self._warnings.pop((namespace, finetunejob), None)
+
     # --- reads, for the reconcilers ------------------------------------------------------------------------
 
     def finetunejob(self, namespace: str, name: str) -> Obj | None:
@@ -162,6 +203,10 @@ class Cache:
         with self._lock:
             keys = self._pods_by_owner.get((namespace, finetunejob), set())
             return [self._pods.objects[key] for key in sorted(keys) if key in self._pods.objects]
+
+    def warnings_of(self, namespace: str, finetunejob: str) -> list[ChildWarning]:
+        with self._lock:
+            return list(self._warnings.get((namespace, finetunejob), []))
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

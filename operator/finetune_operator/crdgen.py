@@ -26,6 +26,7 @@ from finetune_operator.api import (
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
+from finetune_operator.api.spec import FIXED_ONCE_RUNNING
 
 CRD_FILE_NAME = f"{GROUP}_{PLURAL}.yaml"
 CATEGORIES = ("finetune",)
@@ -155,6 +156,28 @@ def custom_resource_definition() -> dict[str, Any]:
     }
 
 
+def _fixed_once_running_rules() -> list[dict[str, str]]:
+    """One transition rule per field that may not change once the training Job exists.
+
+    At the root, because only there can a rule see the status: an update of the spec carries the stored status.
+    """
+    rules = []
+    for field, optional in FIXED_ONCE_RUNNING:
+        new, old = f"self.spec.{field}", f"oldSelf.spec.{field}"
+        same = f"{new} == {old}"
+        if optional:
+            same = f"has({new}) == has({old}) && (!has({new}) || {same})"
+        rules.append(
+            {
+                "rule": f"!has(oldSelf.status) || !has(oldSelf.status.workload) || ({same})",
+                "message": f"spec.{field} cannot change once the training Job exists; create a new FineTuneJob",
+                "fieldPath": f".spec.{field}",
+                "reason": "FieldValueForbidden",
+            }
+        )
+    return rules
+
+
 def _resource_schema() -> dict[str, Any]:
     return {
         "type": "object",
@@ -164,7 +187,8 @@ def _resource_schema() -> dict[str, Any]:
             {
                 "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: it labels the trainer pods",
-            }
+            },
+            *_fixed_once_running_rules(),
         ],
         "properties": {
             "apiVersion": {"type": "string"},

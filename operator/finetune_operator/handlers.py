@@ -59,6 +59,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.connect_timeout = 30
     settings.watching.label_selectors["batch", "v1", "jobs"] = CHILD_SELECTOR
     settings.watching.label_selectors["", "v1", "pods"] = CHILD_SELECTOR
+    # Warnings only (FailedCreate on a Job, FailedMount on a pod, ...): the rest of the Events are not our business.
+    settings.watching.field_selectors["", "v1", "events"] = "type=Warning"
     operator_settings = Settings()
     client = load_client(operator_settings.api_pool_size)
     api = KubeApi(client, timeout=operator_settings.api_timeout_seconds)
@@ -135,6 +137,16 @@ async def pod_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     else:
         runtime.cache.upsert_pod(body)
     _enqueue_owner(runtime, body)
+
+
+@kopf.on.event("", "v1", "events")
+async def warning_recorded(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    runtime = _runtime(memo)
+    if event["type"] == "DELETED":
+        return
+    key = runtime.cache.add_warning(_body(event))
+    if key is not None:
+        runtime.queue.add(key)
 
 
 async def _resync(api: KubeApi, cache: Cache, queue: WorkQueue, interval: float) -> None:

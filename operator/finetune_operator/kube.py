@@ -262,13 +262,15 @@ class KubeApi:
             if error.status not in (404, 422):
                 raise
 
-    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+    def delete_job(self, namespace: str, name: str, uid: str, foreground: bool = False) -> None:
+        """Delete the Job with `uid`; `foreground`: it stays (with a deletionTimestamp) until its pods are gone."""
         self._delete(
             "jobs",
             lambda options: self.batch.delete_namespaced_job(
                 name, namespace, body=options, _request_timeout=self._timeout
             ),
             uid,
+            propagation="Foreground" if foreground else "Background",
         )
 
     def delete_service(self, namespace: str, name: str, uid: str) -> None:
@@ -289,10 +291,10 @@ class KubeApi:
             uid,
         )
 
-    def _delete(self, resource: str, call: Callable[[Any], Any], uid: str) -> None:
+    def _delete(self, resource: str, call: Callable[[Any], Any], uid: str, propagation: str = "Background") -> None:
         """Delete the object with `uid` only: a re-created namesake fails the precondition and stays."""
         options = kubernetes.client.V1DeleteOptions(
-            propagation_policy="Background", preconditions=kubernetes.client.V1Preconditions(uid=uid)
+            propagation_policy=propagation, preconditions=kubernetes.client.V1Preconditions(uid=uid)
         )
         try:
             self._call("delete", resource, lambda: call(options))

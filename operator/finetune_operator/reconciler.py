@@ -24,7 +24,7 @@ from finetune_operator.cache import Cache
 from finetune_operator.conventions import COMPONENT_LABEL, KUEUE_QUEUE_LABEL, TRAINER_CONTAINER, Component
 from finetune_operator.kube import Conflict, KubeApi, Obj, Rejected
 from finetune_operator.lifecycle import Action, Decision, Observation
-from finetune_operator.lifecycle.observed import completion_index, newest_first
+from finetune_operator.lifecycle.observed import completion_index, disrupted_pods, newest_first
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.naming import WorkloadNames, workload_names
 from finetune_operator.resolution import InvalidSpec, Owner, RunInfo, resolve_run
@@ -75,6 +75,8 @@ class Reconciler:
         self._settings = settings
         self._followers = followers
         self._clock = clock or (lambda: datetime.now(UTC))
+        # Disrupted trainer pods already counted and announced, per FineTuneJob UID (kept while it runs).
+        self._disruptions: dict[str, frozenset[str]] = {}
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         with metrics.RECONCILE_SECONDS.time():
@@ -110,6 +112,11 @@ class Reconciler:
         except Conflict:
             metrics.WRITE_CONFLICTS.labels(source="reconcile").inc()
             return CONFLICT_RETRY_SECONDS
+        uid = finetunejob["metadata"]["uid"]
+        if decision.status.phase.finished:
+            self._disruptions.pop(uid, None)
+        else:
+            self._disruptions[uid] = observation.known_disruptions | disrupted_pods(observation.train_pods)
         for notice in decision.notices:
             self._api.record_event(finetunejob, notice.type, notice.reason, notice.message)
         if decision.status.phase is not observation.status.phase:
@@ -162,6 +169,9 @@ class Reconciler:
             train_job=train_job,
             train_pods=_pods_of(train_job, pods, Component.TRAINING),
             name_conflicts=conflicts,
+            warnings=self._cache.warnings_of(owner.namespace, owner.name),
+            stuck_timeout_seconds=self._settings.stuck_pod_seconds,
+            known_disruptions=self._disruptions.get(owner.uid, frozenset()),
         )
         return observation, run
 
@@ -193,6 +203,9 @@ class Reconciler:
                     job_uid = obs.train_job["metadata"]["uid"]
                     suspend = action is Action.SUSPEND_TRAINING
                     self._api.set_job_suspend(namespace, obs.names.train_job, job_uid, suspend)
+                elif action is Action.RESTART_TRAINING and obs.train_job is not None:
+                    metadata_of_job = obs.train_job["metadata"]
+                    self._api.delete_job(namespace, metadata_of_job["name"], metadata_of_job["uid"], foreground=True)
                 elif action is Action.DELETE_WORKLOAD:
                     self._followers.forget(uid)
                     self._delete_workload(namespace, uid, obs)

@@ -61,7 +61,7 @@ class RunInfo:
 
 def resolve_run(owner: Owner, spec: FineTuneJobSpec, settings: Settings) -> RunInfo:
     """The FineTuneJob as its children need it; raises InvalidSpec naming the field to fix."""
-    config = resolve_trainer_config(owner.name, owner.namespace, spec, settings)
+    config = resolve_trainer_config(owner.name, owner.namespace, owner.uid, spec, settings)
     return RunInfo(
         owner=owner,
         names=workload_names(owner.name),
@@ -73,7 +73,9 @@ def resolve_run(owner: Owner, spec: FineTuneJobSpec, settings: Settings) -> RunI
     )
 
 
-def resolve_trainer_config(name: str, namespace: str, spec: FineTuneJobSpec, settings: Settings) -> TrainerConfig:
+def resolve_trainer_config(
+    name: str, namespace: str, uid: str, spec: FineTuneJobSpec, settings: Settings
+) -> TrainerConfig:
     """The trainer's input for FineTuneJob `namespace/name`; raises InvalidSpec naming the field to fix."""
     _check("spec.input.train_data", spec.input.train_data, DATA_SCHEMES)
     if spec.input.validation_data is not None:
@@ -82,7 +84,8 @@ def resolve_trainer_config(name: str, namespace: str, spec: FineTuneJobSpec, set
         input=spec.input,
         model_name=spec.model.name,
         weights=resolve_weights(spec, settings),
-        destination=resolve_destination(name, namespace, spec, settings),
+        destination=resolve_destination(name, namespace, uid, spec, settings),
+        run_uid=uid,
         nodes=spec.resources.nodes,
         gpus_per_node=spec.resources.gpus_per_node,
         job=f"{namespace}/{name}",
@@ -106,13 +109,16 @@ def resolve_weights(spec: FineTuneJobSpec, settings: Settings) -> str:
     )
 
 
-def resolve_destination(name: str, namespace: str, spec: FineTuneJobSpec, settings: Settings) -> str:
-    """spec.destination, or `<the operator's default destination>/<namespace>/<name>/`."""
+def resolve_destination(name: str, namespace: str, uid: str, spec: FineTuneJobSpec, settings: Settings) -> str:
+    """spec.destination, or `<the operator's default destination>/<namespace>/<name>/<uid>/`.
+
+    The run's UID keeps a re-created namesake from ever writing over (or resuming from) this run's outputs.
+    """
     if spec.destination is not None:
         return _check("spec.destination", spec.destination, DESTINATION_SCHEMES)
     if settings.default_destination is None:
         raise InvalidSpec("spec.destination", "no destination given, and the operator has no default destination")
-    default = f"{settings.default_destination.rstrip('/')}/{namespace}/{name}/"
+    default = f"{settings.default_destination.rstrip('/')}/{namespace}/{name}/{uid}/"
     return _check("spec.destination", default, DESTINATION_SCHEMES, origin="the operator's default destination")
 
 

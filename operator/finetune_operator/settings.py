@@ -19,10 +19,22 @@ class Settings(BaseSettings):
         description="Base weights URI per model name, for specs without model.weights (JSON object).",
     )
     default_destination: str | None = Field(
-        None, description="Base URI for output weights; a job writes under <base>/<namespace>/<name>/."
+        None, description="Base URI for output weights; a job writes under <base>/<namespace>/<name>/<uid>/."
     )
     validation_cpu: str = Field("2", description="CPU of the data validation pod.")
     validation_memory: str = Field("8Gi", description="Memory of the data validation pod.")
+    validation_deadline_seconds: int = Field(
+        3600, ge=60, description="The data validation Job fails (DeadlineExceeded) after this long."
+    )
+    lost_node_seconds: int = Field(
+        120, ge=0, description="A trainer pod on a node that stops reporting (NotReady) is replaced after this long."
+    )
+    stuck_pod_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A trainer pod stuck this long on what cannot heal (image not found, a missing claim, Secret "
+        "or ConfigMap, a volume that fails to mount) fails the job.",
+    )
     trainer_service_account: str | None = Field(
         None,
         description="ServiceAccount of trainer pods (e.g. one bound to cloud storage by workload identity).",

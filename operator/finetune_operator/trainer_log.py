@@ -125,10 +125,13 @@ class TrainerLog:
         self.changed = True
         if len(line) > MAX_EVENT_CHARS or '"ftj"' not in line:
             return
+        is_progress = _PROGRESS_MARK in line.replace(" ", "")
         over_budget = self._budget is not None and not self._budget.take(clock)
-        if over_budget and _PROGRESS_MARK in line.replace(" ", ""):
+        if over_budget and is_progress:
             self._deferred = line
             return
+        if not is_progress:
+            self.flush(now)  # events keep their order: an eval belongs after the progress before it
         self._parse(line, now)
 
     def flush(self, now: datetime) -> None:

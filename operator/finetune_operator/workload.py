@@ -99,6 +99,7 @@ def build_validation_job(run: RunInfo) -> Manifest:
         "metadata": _metadata(run.owner, run.names.validation_job, Component.VALIDATION),
         "spec": {
             "backoffLimit": VALIDATION_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": settings.validation_deadline_seconds,
             "podFailurePolicy": {"rules": [_fail_on_user_error()]},
             "template": {
                 "metadata": {"labels": child_labels(run.owner.name, Component.VALIDATION)},
@@ -147,7 +148,7 @@ def build_train_job(run: RunInfo) -> Manifest:
         container,
         storage.volumes,
         **({"subdomain": run.names.service} if resources.nodes > 1 else {}),
-        **_placement(resources),
+        **_placement(resources, _lost_node_tolerations(run.settings.lost_node_seconds)),
         **_spread_cpu_pods(run.owner, resources),
     )
     kueue_labels = {} if run.kueue_queue is None else {KUEUE_QUEUE_LABEL: run.kueue_queue}
@@ -227,9 +228,17 @@ def _ignore_disruptions() -> Manifest:
 # --- placement ----------------------------------------------------------------------------------------
 
 
-def _placement(resources: Resources) -> Manifest:
-    """Nodes of the GPU product asked for, tolerating their GPU taint, plus the spec's own selector and
-    tolerations. The CPU shape (gpusPerNode 0) has only the spec's."""
+def _lost_node_tolerations(seconds: int) -> list[Manifest]:
+    """A pod on a node that stops reporting is evicted after `seconds` (not the default five minutes)."""
+    return [
+        {"key": taint, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+        for taint in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+    ]
+
+
+def _placement(resources: Resources, extra_tolerations: Sequence[Manifest] = ()) -> Manifest:
+    """Nodes of the GPU product asked for, tolerating their GPU taint, plus `extra_tolerations` and the spec's own
+    selector and tolerations. The CPU shape (gpusPerNode 0) has no GPU selector or toleration."""
     gpu = resources.gpus_per_node > 0
     node_selector = {
         **({GPU_PRODUCT_LABEL: resources.gpu_product} if gpu else {}),
@@ -237,6 +246,7 @@ def _placement(resources: Resources) -> Manifest:
     }
     tolerations = [
         *([{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if gpu else []),
+        *extra_tolerations,
         *(toleration.model_dump(exclude_none=True) for toleration in resources.tolerations),
     ]
     placement: Manifest = {}

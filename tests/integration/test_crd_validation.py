@@ -195,6 +195,40 @@ def test_allowed_updates_are_accepted(objects: client.CustomObjectsApi, namespac
         assert patch.items() <= updated["spec"].items()
 
 
+# (field, a value at create, another value): each may change until the training Job exists, and not after.
+FIXED_ONCE_RUNNING_CHANGES = [
+    ("image", "registry.example/trainer:1", "registry.example/trainer:2"),
+    ("imagePullSecrets", [{"name": "a"}], [{"name": "b"}]),
+    ("env", [{"name": "LOG_LEVEL", "value": "info"}], [{"name": "LOG_LEVEL", "value": "debug"}]),
+    ("envFrom", [{"secretRef": {"name": "s3-a"}}], [{"secretRef": {"name": "s3-b"}}]),
+    ("backoffLimit", 3, 5),
+    ("activeDeadlineSeconds", 3600, 7200),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "before", "after"), FIXED_ONCE_RUNNING_CHANGES, ids=[c[0] for c in FIXED_ONCE_RUNNING_CHANGES]
+)
+def test_fields_the_training_job_is_built_from_are_fixed_once_it_exists(
+    objects: client.CustomObjectsApi, namespace: str, field: str, before: Any, after: Any
+) -> None:
+    name = f"fixed-{field.lower()}"
+    create(objects, namespace, manifest(name, {**with_input(), field: before}))
+    # Before the Job exists the change is taken: it is used when the Job is created.
+    objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": {field: after}})
+    objects.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": {"phase": "Running", "workload": {"job": f"{name}-train"}}}
+    )
+    with pytest.raises(ApiException) as raised:
+        objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": {field: before}})
+    message = rejection(raised.value)
+    assert f"spec.{field}" in message
+    assert "cannot change once the training Job exists" in message
+    # The fields the operator acts on at once stay open.
+    for allowed in ({"suspend": True}, {"ttlSecondsAfterFinished": 60}, {"cancel": True}):
+        objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": allowed})
+
+
 def test_minimal_spec_comes_back_with_every_default(objects: client.CustomObjectsApi, namespace: str) -> None:
     spec = {"input": {"train_data": TRAIN_DATA}}
     created = create(objects, namespace, manifest("minimal", spec))

@@ -121,7 +121,8 @@ def test_cpu_job_trains_for_real_and_publishes_an_adapter_that_reloads(
     assert "nvidia.com/gpu" not in pod.spec.containers[0].resources.limits
 
     output = done["output"]
-    assert output["weights"] == f"{DEFAULT_DESTINATION}/{cluster.namespace}/{name}/"
+    uid = cluster.get(name)["metadata"]["uid"]
+    assert output["weights"] == f"{DEFAULT_DESTINATION}/{cluster.namespace}/{name}/{uid}/"
     adapter = tmp_path / "adapter"
     digests = download_output(store.s3, output, adapter)
     assert digests == {file["path"]: file["sha256"] for file in output["files"]}
@@ -185,7 +186,8 @@ def test_killed_trainer_is_retried_and_resumes_from_its_last_checkpoint(
         timeout=TRAINING_TIMEOUT,
         description="the trainer process to start",
     )
-    checkpoints = f"{OUTPUT_BUCKET}/{cluster.namespace}/{name}/checkpoints"
+    uid = cluster.get(name)["metadata"]["uid"]
+    checkpoints = f"{OUTPUT_BUCKET}/{cluster.namespace}/{name}/{uid}/checkpoints"
     filesystem = store.s3.filesystem()
     epochs = demo_spec()["input"]["num_train_epochs"]
 

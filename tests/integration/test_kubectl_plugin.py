@@ -170,7 +170,11 @@ def test_create_uploads_under_the_jobs_prefix_the_job_runs_and_download_checks_e
     cluster.wait_phase(name, "Running")
     cluster.logs.write(*trainer_log_lines(30))
     progressed = cluster.wait_status(name, lambda s: s.get("progress", {}).get("step") == 30, "the last step")
-    assert [point["step"] for point in progressed["lossHistory"]["train"]] == list(range(1, 31))
+    # One burst of 30 progress events: beyond the parsing budget some are coalesced, never the first or the newest.
+    steps = [point["step"] for point in progressed["lossHistory"]["train"]]
+    assert steps[0] == 1
+    assert steps[-1] == 30
+    assert steps == sorted(set(steps))
     assert progressed["lossHistory"]["eval"] == [{"step": 30, "epoch": 3.0, "loss": 1.2}]
     assert kstatus(cluster.get(name)) == "InProgress"
     logs = ftj.run("logs", name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,77 @@ def test_two_replicas_one_leads_the_standby_writes_nothing_and_takes_over_after_
         for replica in replicas.values():
             replica.stop()
             sys.stdout.write(f"\n--- {replica.log_path.name} ---\n{replica.log_path.read_text()[-3000:]}\n")
+
+
+def test_pods_a_quota_forbids_are_reported_in_status_within_seconds(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    cluster.core.create_namespaced_resource_quota(cluster.namespace, quota)
+    wait_for(
+        lambda: cluster.core.read_namespaced_resource_quota("no-pods", cluster.namespace).status.hard,
+        timeout=30,
+        description="the quota to be counted",
+    )
+    cluster.create("llama", SPEC)
+    status = cluster.wait_status("llama", lambda s: s.get("reason") == "FailedCreate", "the Job controller's warning")
+    assert status["phase"] == "Validating"
+    assert "exceeded quota: no-pods" in status["message"]
+    validated = next(c for c in status["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("Unknown", "FailedCreate")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def reconciles(operator: OperatorProcess) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in operator.metrics().splitlines()
+        if line.startswith("finetune_reconciles_total{")
+    )
+
+
+def test_two_thousand_unrelated_pods_cost_the_operator_no_memory_and_no_reconciles(
+    devcluster: DevCluster, cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    # The unrelated pods share the namespace the operator watches.
+    operator = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
+    operator.start()
+    try:
+        cluster.create("llama", SPEC)
+        cluster.wait_phase("llama", "Validating")
+        wait_for(lambda: reconciles(operator) > 0, timeout=30, description="the operator to reconcile")
+        settled = reconciles(operator)
+        assert operator.process is not None
+        before = rss_bytes(operator.process.pid)
+
+        def make(index: int) -> None:
+            pod = {
+                "metadata": {"name": f"unrelated-{index}", "labels": {"app": "web"}},
+                # Held back from the scheduler: an unrelated workload that costs the cluster little.
+                "spec": {
+                    "schedulingGates": [{"name": "example.com/hold"}],
+                    "containers": [{"name": "c", "image": "x"}],
+                },
+            }
+            cluster.core.create_namespaced_pod(namespace, pod)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(make, range(2000)))
+        assert len(cluster.core.list_namespaced_pod(namespace, label_selector="app=web").items) == 2000
+        # The watch on pods has a label selector: none of these reaches the operator. A change of the job after
+        # them gives the pods time to show otherwise.
+        cluster.patch_spec("llama", ttlSecondsAfterFinished=600)
+        cluster.wait_status("llama", lambda s: s.get("observedGeneration") == 2, "the operator to see the change")
+        after = rss_bytes(operator.process.pid)
+        assert after - before < 10 * 1024 * 1024, f"RSS grew by {(after - before) / 2**20:.1f} MiB"
+        # The spec change is the only news: a reconcile or two for it, none for 2,000 pods.
+        assert reconciles(operator) - settled <= 3
+    finally:
+        operator.stop()
+        cluster.core.delete_collection_namespaced_pod(namespace, label_selector="app=web", grace_period_seconds=0)

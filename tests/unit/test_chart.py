@@ -37,7 +37,7 @@ OPERATOR_RIGHTS = {
     *(("", "pods", verb) for verb in ("get", "list", "watch")),
     ("", "pods/log", "get"),
     *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("get", "create", "delete")),
-    ("", "events", "create"),
+    *(("", "events", verb) for verb in ("create", "list", "watch")),
     ("", "secrets", "get"),  # the webhook signing key's one name only (resourceNames)
 }
 API_RIGHTS = {("finetune.dev", "finetunejobs", "create"), ("finetune.dev", "finetunejobs", "patch")}

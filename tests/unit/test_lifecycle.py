@@ -8,6 +8,7 @@ from typing import Any
 
 from finetune_contract.inputs import TrainingInput
 from finetune_contract.protocol import (
+    EXIT_USER_ERROR,
     ErrorEvent,
     OutputEvent,
     OutputFile,
@@ -17,8 +18,9 @@ from finetune_contract.protocol import (
     termination_message,
 )
 from finetune_operator.api.spec import FineTuneJobSpec, Resources
-from finetune_operator.api.status import ConditionType, FineTuneJobStatus, Phase
+from finetune_operator.api.status import ConditionType, ErrorInfo, FineTuneJobStatus, Phase
 from finetune_operator.lifecycle import Action, Decision, Observation, decide
+from finetune_operator.lifecycle.observation import ChildWarning
 from finetune_operator.naming import workload_names
 from finetune_operator.timestamps import timestamp
 
@@ -73,6 +75,7 @@ def pod(
     return {
         "metadata": {
             "name": name,
+            "uid": f"uid-{name}",
             "creationTimestamp": created,
             "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
         },
@@ -355,3 +358,129 @@ def test_active_deadline_is_reported_as_such() -> None:
     )
     assert decision.status.error is not None
     assert decision.status.error.reason == "DeadlineExceeded"
+
+
+def test_gpu_seconds_are_written_at_most_once_a_minute_of_running_time() -> None:
+    running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
+    soon = decide(observe(status=running, train_job=job(), train_pods=[pod()], now=NOW + timedelta(seconds=30)))
+    assert soon.status == running, "nothing a user sees changed: no write"
+    later = decide(observe(status=running, train_job=job(), train_pods=[pod()], now=NOW + timedelta(seconds=61)))
+    assert later.status.gpu_seconds == 8 * (4 * 60 + 61)
+
+
+def test_a_pod_that_cannot_pull_its_image_for_ten_minutes_fails_the_job_and_frees_its_gpus() -> None:
+    waiting = {"waiting": {"reason": "ImagePullBackOff", "message": 'pull "trainer:nope": not found'}}
+    stuck = pod(state=waiting, phase="Pending", created="2026-11-28T11:49:00Z")
+    decision = decide(observe(status=validated_status(), train_job=job(), train_pods=[stuck]))
+    assert decision.status.phase is Phase.FAILED
+    assert decision.status.error is not None
+    assert decision.status.error.reason == "ImagePullFailed"
+    assert 'pull "trainer:nope": not found' in decision.status.error.message
+    assert decision.actions == (Action.DELETE_WORKLOAD,)
+    fresh = pod(state=waiting, phase="Pending", created="2026-11-28T11:55:00Z")
+    assert (
+        decide(observe(status=validated_status(), train_job=job(), train_pods=[fresh])).status.phase is Phase.STARTING
+    )
+
+
+def test_a_missing_volume_claim_fails_the_job_after_the_timeout() -> None:
+    message = '0/3 nodes are available: persistentvolumeclaim "datasets" not found.'
+    pending = pod(
+        phase="Pending",
+        node=None,
+        state={},
+        created="2026-11-28T11:40:00Z",
+        conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+    )
+    decision = decide(observe(status=validated_status(), train_job=job(), train_pods=[pending]))
+    assert decision.status.phase is Phase.FAILED
+    assert decision.status.reason == "VolumeNotFound"
+    assert 'persistentvolumeclaim "datasets" not found' in (decision.status.message or "")
+
+
+def test_the_job_controllers_failed_create_is_shown_while_no_pod_exists() -> None:
+    warning = ChildWarning(
+        kind="Job",
+        name="demo-train",
+        reason="FailedCreate",
+        message='pods "demo-train-0-x" is forbidden: exceeded quota: gpus',
+        first_seen=NOW,
+    )
+    decision = decide(observe(status=validated_status(), train_job=job(), warnings=[warning]))
+    assert decision.status.phase is Phase.QUEUED
+    assert decision.status.reason == "FailedCreate"
+    assert "exceeded quota: gpus" in (decision.status.message or "")
+    assert condition(decision, ConditionType.ADMITTED) == ("False", "FailedCreate")
+    with_pod = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()], warnings=[warning]))
+    assert with_pod.status.phase is Phase.RUNNING, "once a pod exists the Job's old warning says nothing"
+
+
+def test_a_name_held_by_another_object_blocks_the_job_with_a_warning() -> None:
+    conflict = "ConfigMap ns/demo-input (controller: none)"
+    decision = decide(observe(name_conflicts=[conflict]))
+    assert decision.status.phase is Phase.VALIDATING
+    assert decision.status.reason == "NameConflict"
+    assert conflict in (decision.status.message or "")
+    assert condition(decision, ConditionType.VALIDATED) == ("Unknown", "NameConflict")
+    assert (decision.notices[0].type, decision.notices[0].reason) == ("Warning", "NameConflict")
+
+
+def test_a_child_the_api_server_refuses_fails_the_job() -> None:
+    refusal = ErrorInfo(reason="CreateRejected", message="the API server refused Job ns/demo-train: exceeded quota")
+    decision = decide(observe(status=validated_status(), rejected=refusal))
+    assert decision.status.phase is Phase.FAILED
+    assert decision.status.error == refusal
+    assert condition(decision, ConditionType.FAILED) == ("True", "CreateRejected")
+
+
+def two_nodes() -> FineTuneJobSpec:
+    return spec(resources=Resources(nodes=2))
+
+
+def test_a_failed_rank_of_a_multi_node_run_restarts_the_whole_group() -> None:
+    rank1 = pod("demo-train-1-abcde", index=1, phase="Failed", state=terminated(1, reason="Error"))
+    running = decide(observe(spec=two_nodes(), status=validated_status(), train_job=job(), train_pods=[pod(), rank1]))
+    assert running.status.phase is Phase.STARTING
+    assert running.status.reason == "RestartingGroup"
+    assert running.actions == (Action.RESTART_TRAINING,)
+    assert running.status.restarts == 1
+    deleting_job = job()
+    deleting_job["metadata"]["deletionTimestamp"] = "2026-11-28T12:00:00Z"
+    stopping = decide(observe(spec=two_nodes(), status=running.status, train_job=deleting_job, train_pods=[pod()]))
+    assert (stopping.status.reason, stopping.actions) == ("RestartingGroup", ())
+    again = decide(observe(spec=two_nodes(), status=stopping.status))
+    assert again.actions == (Action.CREATE_TRAINING,)
+    assert again.status.restarts == 1
+
+
+def test_a_user_error_on_one_rank_is_left_to_the_jobs_failure_policy() -> None:
+    rank1 = pod("demo-train-1-abcde", index=1, phase="Failed", state=terminated(EXIT_USER_ERROR))
+    decision = decide(observe(spec=two_nodes(), status=validated_status(), train_job=job(), train_pods=[pod(), rank1]))
+    assert Action.RESTART_TRAINING not in decision.actions
+
+
+def test_a_group_that_keeps_failing_stops_at_the_backoff_limit() -> None:
+    rank1 = pod("demo-train-1-abcde", index=1, phase="Failed", state=terminated(1))
+    status = validated_status().model_copy(update={"restarts": 3})
+    decision = decide(observe(spec=two_nodes(), status=status, train_job=job(), train_pods=[pod(), rank1]))
+    assert decision.status.phase is Phase.FAILED
+    assert decision.status.reason == "BackoffLimitExceeded"
+    assert decision.actions == (Action.DELETE_WORKLOAD,)
+
+
+def test_a_disrupted_pod_is_announced_once_and_counted_as_a_restart() -> None:
+    evicted = pod("demo-train-0-old", phase="Failed", state=terminated(137), created="2026-11-28T11:50:00Z")
+    evicted["metadata"]["uid"] = "pod-old"
+    evicted["status"]["conditions"] = [
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "drain"}
+    ]
+    first = decide(observe(status=validated_status(), train_job=job(), train_pods=[evicted, pod()]))
+    assert [n.reason for n in first.notices if n.reason == "TrainerDisrupted"] == ["TrainerDisrupted"]
+    assert first.status.restarts == 1
+    again = decide(
+        observe(
+            status=first.status, train_job=job(), train_pods=[evicted, pod()], known_disruptions=frozenset({"pod-old"})
+        )
+    )
+    assert "TrainerDisrupted" not in [n.reason for n in again.notices]
+    assert again.status.restarts == 1

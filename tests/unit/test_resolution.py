@@ -21,9 +21,10 @@ def make_spec(**fields: Any) -> FineTuneJobSpec:
 
 
 def test_defaults_come_from_settings() -> None:
-    config = resolve_trainer_config("demo", "research", make_spec(), SETTINGS)
+    config = resolve_trainer_config("demo", "research", "run-uid", make_spec(), SETTINGS)
     assert config.weights == "hf://meta-llama/Llama-2-7b-hf"
-    assert config.destination == "s3://finetunes/research/demo/"
+    assert config.destination == "s3://finetunes/research/demo/run-uid/"
+    assert config.run_uid == "run-uid"
     assert (config.model_name, config.nodes, config.gpus_per_node, config.world_size) == (
         "meta/llama-2-7b",
         1,
@@ -36,7 +37,7 @@ def test_defaults_come_from_settings() -> None:
 
 def test_spec_values_win_over_settings() -> None:
     spec = make_spec(model={"weights": "pvc://models/llama"}, destination="gs://out/run", resources={"nodes": 2})
-    config = resolve_trainer_config("demo", "research", spec, SETTINGS)
+    config = resolve_trainer_config("demo", "research", "run-uid", spec, SETTINGS)
     assert (config.weights, config.destination, config.world_size) == (
         "pvc://models/llama",
         "gs://out/run",
@@ -100,7 +101,7 @@ def test_spec_values_win_over_settings() -> None:
 )
 def test_invalid_specs_name_the_field(fields: dict[str, Any], settings: Settings, field: str, message: str) -> None:
     with pytest.raises(InvalidSpec) as raised:
-        resolve_trainer_config("demo", "research", make_spec(**fields), settings)
+        resolve_trainer_config("demo", "research", "run-uid", make_spec(**fields), settings)
     assert raised.value.field == field
     assert message in raised.value.message
     assert str(raised.value).startswith(f"{field}: ")

@@ -14,7 +14,7 @@ from finetune_contract.protocol import (
     encode,
 )
 from finetune_operator.api.status import LOG_FOLLOWER_FIELDS
-from finetune_operator.trainer_log import MAX_SAMPLES, TrainerLog
+from finetune_operator.trainer_log import MAX_SAMPLES, EventBudget, TrainerLog
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
@@ -146,3 +146,14 @@ def test_a_start_without_losses_writes_no_history() -> None:
     log = TrainerLog(tail_lines=10, tail_bytes=4096)
     log.feed(encode(StartEvent(world_size=8, total_steps=30, epochs=3)), NOW)
     assert "lossHistory" not in log.status_patch()
+
+
+def test_a_burst_beyond_the_budget_keeps_the_events_in_order() -> None:
+    log = TrainerLog(tail_lines=40, tail_bytes=8192, budget=EventBudget(per_second=2, now=0.0))
+    for step in range(1, 11):
+        log.feed(encode(ProgressEvent(step=step, total_steps=10, epoch=step / 10, loss=2.0 - step / 10)), NOW, 0.0)
+    log.feed(encode(EvalEvent(epoch=1, eval_loss=1.5)), NOW, 0.0)
+    patch = log.status_patch()
+    assert patch["progress"]["step"] == 10, "the newest progress is never lost"
+    assert patch["lossHistory"]["eval"] == [{"step": 10, "epoch": 1.0, "loss": 1.5}]
+    assert len(patch["lossHistory"]["train"]) < 10, "progress beyond the budget was coalesced"

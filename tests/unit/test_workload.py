@@ -35,6 +35,11 @@ SETTINGS = Settings(
     master_port=29500,
 )
 OWNER = Owner(name="llama-demo", namespace="research", uid="5f2c9e4e-uid", labels={})
+# A pod on a node that stops reporting is evicted after settings.lost_node_seconds, not Kubernetes' five minutes.
+LOST_NODE_TOLERATIONS = [
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 120},
+    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 120},
+]
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -76,7 +81,10 @@ def test_qlora_job_requests_eight_a40s() -> None:
     amounts = {"cpu": "32", "memory": "192Gi", "nvidia.com/gpu": "8"}
     assert trainer(job)["resources"] == {"requests": amounts, "limits": amounts}
     assert pod_spec(job)["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A40"}
-    assert pod_spec(job)["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod_spec(job)["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        *LOST_NODE_TOLERATIONS,
+    ]
     assert job["spec"]["completionMode"] == "Indexed"
     assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
 
@@ -196,6 +204,7 @@ def test_spec_placement_is_added_to_the_gpu_defaults() -> None:
     }
     assert pod_spec(job)["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        *LOST_NODE_TOLERATIONS,
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
     ]
     assert pod_spec(job)["priorityClassName"] == "training-low"
@@ -209,7 +218,8 @@ def test_cpu_shape_requests_no_gpu_and_runs_one_process_per_pod() -> None:
     job = build_train_job(run_of(spec))
     amounts = {"cpu": "4", "memory": "16Gi"}
     assert trainer(job)["resources"] == {"requests": amounts, "limits": amounts}
-    assert not {"nodeSelector", "tolerations", "affinity"} & set(pod_spec(job))
+    assert not {"nodeSelector", "affinity"} & set(pod_spec(job))
+    assert pod_spec(job)["tolerations"] == LOST_NODE_TOLERATIONS  # and no GPU toleration
     env = env_of(trainer(job))
     assert (env["NNODES"], env["NPROC_PER_NODE"], env["OMP_NUM_THREADS"]) == ("1", "1", "4")
     config = run_of(spec).trainer_config
@@ -222,11 +232,11 @@ def test_cpu_shape_runs_validation_and_training_where_the_spec_places_them() -> 
         "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
     }
     spec = make_spec(resources={"gpusPerNode": 0, **placement})
-    for job in (
-        build_train_job(run_of(spec)),
-        build_validation_job(run_of(spec)),
-    ):
-        assert {key: pod_spec(job)[key] for key in placement} == placement
+    validation, training = build_validation_job(run_of(spec)), build_train_job(run_of(spec))
+    assert {key: pod_spec(validation)[key] for key in placement} == placement
+    assert pod_spec(training)["nodeSelector"] == placement["nodeSelector"]
+    assert pod_spec(training)["tolerations"] == LOST_NODE_TOLERATIONS + placement["tolerations"]
+    for job in (validation, training):
         assert "nvidia.com/gpu" not in trainer(job)["resources"]["limits"]
 
 
@@ -357,9 +367,10 @@ def test_config_map_holds_the_resolved_trainer_input() -> None:
     assert list(config_map["data"]) == ["input.json"]
     stored = json.loads(config_map["data"]["input.json"])
     assert stored == json.loads(
-        resolve_trainer_config(OWNER.name, OWNER.namespace, run.spec, SETTINGS).model_dump_json()
+        resolve_trainer_config(OWNER.name, OWNER.namespace, OWNER.uid, run.spec, SETTINGS).model_dump_json()
     )
-    assert stored["destination"] == "s3://finetunes/research/llama-demo/"
+    assert stored["destination"] == "s3://finetunes/research/llama-demo/5f2c9e4e-uid/", "each run writes apart"
+    assert stored["run_uid"] == "5f2c9e4e-uid"
 
 
 def test_every_child_is_labelled_and_owned_by_the_finetunejob() -> None:

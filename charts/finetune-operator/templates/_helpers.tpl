@@ -83,10 +83,11 @@ no right on them.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["get", "create", "delete"]
-# Events on FineTuneJobs (the operator's and kopf's own).
+# Events on FineTuneJobs (the operator's and kopf's own); Warning Events are watched, to tell a user why a
+# child is stuck (the Job controller's FailedCreate, a kubelet's FailedMount).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list", "watch"]
 # The webhook signing key: Secrets of this one name only (resourceNames), to sign deliveries with.
 - apiGroups: [""]
   resources: ["secrets"]

@@ -18,6 +18,10 @@ _IMMUTABLE = "is immutable once the job exists; create a new FineTuneJob instead
 # Strings under CEL rules carry a maxLength (and lists a maxItems): the API server estimates each rule's
 # cost from the largest value the schema allows and refuses a CRD whose rules could exceed its budget.
 DNS_NAME_LENGTH = 253
+ENV_NAME_LENGTH = 256
+ENV_VALUE_LENGTH = 4096
+IMAGE_LENGTH = 512
+_FIXED_ONCE_RUNNING = "Fixed once the training Job exists (status.workload is set)."
 LABEL_VALUE_LENGTH = 63
 LABEL_KEY_LENGTH = 317  # a 253-character DNS prefix, "/", and a 63-character name
 # A Kubernetes resource quantity ("32", "500m", "192Gi", "1e3"), checked at admission, not at pod creation.
@@ -103,12 +107,12 @@ class Resources(KubeModel):
 
 
 class LocalObjectReference(KubeModel):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=DNS_NAME_LENGTH)
 
 
 class SecretKeySelector(KubeModel):
-    name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=DNS_NAME_LENGTH)
+    key: str = Field(min_length=1, max_length=DNS_NAME_LENGTH)
     optional: bool | None = None
 
 
@@ -118,13 +122,13 @@ class EnvVarSource(KubeModel):
 
 
 class EnvVar(KubeModel):
-    name: str = Field(min_length=1)
-    value: str | None = None
+    name: str = Field(min_length=1, max_length=ENV_NAME_LENGTH)
+    value: str | None = Field(None, max_length=ENV_VALUE_LENGTH)
     value_from: EnvVarSource | None = None
 
 
 class EnvFromSource(KubeModel):
-    prefix: str | None = None
+    prefix: str | None = Field(None, max_length=ENV_NAME_LENGTH)
     secret_ref: LocalObjectReference | None = None
     config_map_ref: LocalObjectReference | None = None
 
@@ -214,16 +218,24 @@ class FineTuneJobSpec(KubeModel):
         None,
         json_schema_extra=_immutable("spec.destination"),
         description="Where the output weights go (s3://, gs://, pvc://). "
-        "Defaults to the operator's destination, under <namespace>/<name>/.",
+        "Defaults to the operator's destination, under <namespace>/<name>/<uid>/.",
     )
     resources: Resources = Field(default_factory=Resources, description="GPUs, nodes and placement.")
-    image: str | None = Field(None, description="Trainer image; defaults to the operator's.")
-    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    image: str | None = Field(
+        None, max_length=IMAGE_LENGTH, description=f"Trainer image; defaults to the operator's. {_FIXED_ONCE_RUNNING}"
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description=_FIXED_ONCE_RUNNING
+    )
     env: list[EnvVar] = Field(
-        default_factory=list, description="Extra environment; take secrets with valueFrom, never inline."
+        default_factory=list,
+        max_length=64,
+        description=f"Extra environment; take secrets with valueFrom, never inline. {_FIXED_ONCE_RUNNING}",
     )
     env_from: list[EnvFromSource] = Field(
-        default_factory=list, description="Environment from Secrets or ConfigMaps (storage and hub tokens)."
+        default_factory=list,
+        max_length=16,
+        description=f"Environment from Secrets or ConfigMaps (storage and hub tokens). {_FIXED_ONCE_RUNNING}",
     )
     suspend: bool = Field(False, description="Hold the job (no pods); Kueue sets and clears this too.")
     cancel: bool = Field(
@@ -238,9 +250,25 @@ class FineTuneJobSpec(KubeModel):
         },
         description="Stop for good: the workload is removed and the status kept.",
     )
-    backoff_limit: int = Field(3, ge=0, le=100, description="Retries of failures that are not the user's.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this long.")
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description=f"Retries of failures that are not the user's. {_FIXED_ONCE_RUNNING}"
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description=f"Fail the run after this long. {_FIXED_ONCE_RUNNING}"
+    )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the FineTuneJob this long after it finished."
     )
     webhook: WebhookSpec | None = Field(None, description="Signed webhooks as the job goes on, as Replicate sends.")
+
+
+# Fields the training Job is built from that may not change once it exists (status.workload says it does): the
+# API server refuses such an update, naming the field, rather than the operator ignoring it. (wire name, optional)
+FIXED_ONCE_RUNNING: tuple[tuple[str, bool], ...] = (
+    ("image", True),
+    ("imagePullSecrets", False),
+    ("env", False),
+    ("envFrom", False),
+    ("backoffLimit", False),
+    ("activeDeadlineSeconds", True),
+)

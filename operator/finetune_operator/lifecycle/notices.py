@@ -5,6 +5,7 @@ from __future__ import annotations
 from finetune_operator.api.status import FineTuneJobStatus, Phase
 from finetune_operator.lifecycle.failure_policy import pod_failure
 from finetune_operator.lifecycle.observation import Notice, Observation
+from finetune_operator.lifecycle.observed import disruption
 from finetune_operator.lifecycle.phase import NAME_CONFLICT, Step
 
 _WARNING_REASONS = frozenset(("Unschedulable", "ValidationUnschedulable", NAME_CONFLICT))
@@ -30,3 +31,22 @@ def retry_notices(obs: Observation, previous: FineTuneJobStatus, status: FineTun
             f"{failure.message} (pod {failure.pod}); retry {after} of {limit}",
         )
     ]
+
+
+def disruption_notices(obs: Observation) -> list[Notice]:
+    """A Warning for each trainer pod newly disrupted (preempted, evicted, drained): it does not count as a failure."""
+    notices = []
+    for pod in obs.train_pods:
+        found = disruption(pod)
+        if found is None or pod["metadata"]["uid"] in obs.known_disruptions:
+            continue
+        reason, message = found
+        notices.append(
+            Notice(
+                "Warning",
+                "TrainerDisrupted",
+                f"pod {pod['metadata']['name']} was disrupted ({reason}: {message}); it is replaced and resumes "
+                "from the last checkpoint, without counting against spec.backoffLimit",
+            )
+        )
+    return notices

@@ -23,6 +23,8 @@ class Action(StrEnum):
     RESUME_TRAINING = "ResumeTraining"
     DELETE_WORKLOAD = "DeleteWorkload"
     DELETE_FINETUNEJOB = "DeleteFineTuneJob"
+    # Multi-node: stop every pod of the training Job (it is deleted, foreground) so that the group starts again.
+    RESTART_TRAINING = "RestartTraining"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,17 @@ class Notice:
     type: str
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class ChildWarning:
+    """A Warning Event on one of the FineTuneJob's children (e.g. the Job controller's FailedCreate)."""
+
+    kind: str
+    name: str
+    reason: str
+    message: str
+    first_seen: datetime
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,12 @@ class Observation:
     name_conflicts: Sequence[str] = ()
     # The API server refused to create a child for good (invalid, forbidden by quota or policy).
     rejected: ErrorInfo | None = None
+    # Warning Events on the children, newest last.
+    warnings: Sequence[ChildWarning] = ()
+    # UIDs of disrupted trainer pods (preempted, evicted, drained) already counted and announced.
+    known_disruptions: frozenset[str] = frozenset()
+    # A pod stuck this long on what cannot heal (image not found, missing claim or config) fails the job.
+    stuck_timeout_seconds: float = 600.0
 
 
 @dataclass(frozen=True)

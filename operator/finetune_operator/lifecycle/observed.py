@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from finetune_contract.protocol import Event, Output, OutputEvent, parse_termination_message
 from finetune_operator.conventions import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
 from finetune_operator.lifecycle.observation import Manifest
+from finetune_operator.timestamps import parse_timestamp
 
 
 def completion_index(pod: Manifest) -> int | None:
@@ -108,3 +110,55 @@ def rank0_output(pods: Sequence[Manifest]) -> Output | None:
         if isinstance(event, OutputEvent):
             return Output.model_validate(event.model_dump(include={"weights", "files", "metrics"}))
     return None
+
+
+# Waiting reasons of a container that retrying will not fix: the image or its configuration is wrong.
+_STUCK_WAITING = {
+    "ErrImagePull": "ImagePullFailed",
+    "ImagePullBackOff": "ImagePullFailed",
+    "InvalidImageName": "ImagePullFailed",
+    "CreateContainerConfigError": "ContainerConfigError",
+}
+# What the scheduler says about a pod whose volume claim does not exist.
+_MISSING_CLAIM = "persistentvolumeclaim"
+
+
+def stuck_pod(pods: Sequence[Manifest], now: datetime, timeout: float) -> tuple[str, str] | None:
+    """(reason, message) of a pod stuck on something that will not heal by itself, for longer than `timeout`."""
+    for pod in pods:
+        created = pod.get("metadata", {}).get("creationTimestamp")
+        if not created or (now - parse_timestamp(str(created))).total_seconds() < timeout:
+            continue
+        name = pod.get("metadata", {}).get("name", "")
+        waiting = trainer_state(pod).get("waiting") or {}
+        reason = _STUCK_WAITING.get(str(waiting.get("reason")))
+        if reason is not None:
+            detail = waiting.get("message") or waiting.get("reason")
+            return reason, f"pod {name} has been waiting for {int(timeout)}s: {detail}"
+        unschedulable = unschedulable_message([pod])
+        if unschedulable and _MISSING_CLAIM in unschedulable and "not found" in unschedulable:
+            return "VolumeNotFound", f"pod {name} has been unschedulable for {int(timeout)}s: {unschedulable}"
+    return None
+
+
+def disruption(pod: Manifest) -> tuple[str, str] | None:
+    """(reason, message) of the pod's DisruptionTarget condition: preemption, eviction, a drain, a lost node."""
+    for condition in pod.get("status", {}).get("conditions", []) or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return str(condition.get("reason") or "Disrupted"), str(condition.get("message") or "")
+    return None
+
+
+def failed_rank(pods: Sequence[Manifest]) -> Manifest | None:
+    """A trainer pod of the current attempt that failed or was disrupted: its group cannot go on without it."""
+    for pod in pods:
+        if deleting(pod) and disruption(pod) is None:
+            continue
+        if pod_phase(pod) == "Failed" or disruption(pod) is not None:
+            return pod
+    return None
+
+
+def disrupted_pods(pods: Sequence[Manifest]) -> frozenset[str]:
+    """UIDs of the pods with a DisruptionTarget condition."""
+    return frozenset(str(pod["metadata"]["uid"]) for pod in pods if disruption(pod) is not None)

@@ -9,17 +9,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from finetune_contract.protocol import Output
+from finetune_contract.protocol import EXIT_USER_ERROR, Output
 from finetune_operator.api.status import ConditionType, ErrorInfo, Phase
 from finetune_operator.lifecycle.conditions import condition_status
 from finetune_operator.lifecycle.failure_policy import pod_failure
-from finetune_operator.lifecycle.observation import Action, Observation
+from finetune_operator.lifecycle.observation import Action, ChildWarning, Manifest, Observation
 from finetune_operator.lifecycle.observed import (
     completion_index,
     deleting,
+    disruption,
+    failed_rank,
     job_condition,
     pod_phase,
     rank0_output,
+    stuck_pod,
+    terminated,
     unschedulable_message,
     waiting_message,
 )
@@ -27,6 +31,7 @@ from finetune_operator.lifecycle.observed import (
 # A condition to set: (status, reason, message).
 ConditionValue = tuple[str, str, str]
 NAME_CONFLICT = "NameConflict"
+GROUP_RESTART = "RestartingGroup"
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,13 @@ def _validation_step(obs: Observation) -> Step:
         return _training_step(obs, validated_now=True)
     if job_condition(job, "Failed"):
         return failed(pod_failure(job, obs.validation_pods, "ValidationFailed"), validated=False)
+    stuck = _stuck(obs, obs.validation_pods, job)
+    if stuck is not None:
+        return replace(failed(stuck, validated=False), actions=(Action.DELETE_WORKLOAD,))
+    trouble = _warning(obs, job, obs.validation_pods)
+    if trouble is not None:
+        validating = {ConditionType.VALIDATED: ("Unknown", trouble.reason, _say(trouble))}
+        return Step(Phase.VALIDATING, trouble.reason, _say(trouble), validating)
     scheduling = unschedulable_message(obs.validation_pods)
     if scheduling:
         message = f"the validation pod cannot be scheduled: {scheduling}"
@@ -143,6 +155,9 @@ def _training_step(obs: Observation, validated_now: bool = False) -> Step:
     if job_condition(job, "Failed"):
         step = failed(pod_failure(job, obs.train_pods, "TrainingFailed"), validated=True)
         return replace(step, conditions={**conditions, **step.conditions})
+    regroup = _group_restart(obs, job, conditions)
+    if regroup is not None:
+        return regroup
 
     job_suspended = bool(job.get("spec", {}).get("suspend"))
     actions: tuple[Action, ...] = ()
@@ -162,6 +177,15 @@ def _training_step(obs: Observation, validated_now: bool = False) -> Step:
         return Step(Phase.QUEUED, reason, message, conditions, actions)
 
     active = [pod for pod in obs.train_pods if pod_phase(pod) in ("Pending", "Running") and not deleting(pod)]
+    stuck = _stuck(obs, active, job)
+    if stuck is not None:
+        step = failed(stuck, validated=True)
+        return replace(step, conditions={**conditions, **step.conditions}, actions=(Action.DELETE_WORKLOAD,))
+    trouble = _warning(obs, job, active)
+    if trouble is not None and not any(pod_phase(pod) == "Running" for pod in active):
+        conditions[ConditionType.ADMITTED] = ("False", trouble.reason, _say(trouble))
+        phase = Phase.QUEUED if trouble.kind == "Job" else Phase.STARTING
+        return Step(phase, trouble.reason, _say(trouble), conditions, actions)
     unschedulable = unschedulable_message(active)
     if unschedulable:
         conditions[ConditionType.ADMITTED] = ("False", "Unschedulable", unschedulable)
@@ -182,6 +206,67 @@ def _training_step(obs: Observation, validated_now: bool = False) -> Step:
         waiting = "waiting for the trainer pods to start"
         conditions.pop(ConditionType.ADMITTED)
     return Step(Phase.STARTING, "PodsStarting", waiting, conditions, actions)
+
+
+def _group_restart(obs: Observation, job: Manifest, conditions: dict[ConditionType, ConditionValue]) -> Step | None:
+    """A multi-node run whose rank failed or was disrupted starts again as a whole, from the last checkpoint.
+
+    A lone replacement pod cannot rejoin the others' static rendezvous, and the survivors would wait in NCCL
+    until its timeout: the training Job is deleted (foreground: its pods stop first) and made again.
+    """
+    assert obs.spec is not None
+    if job.get("metadata", {}).get("deletionTimestamp"):
+        message = "the previous attempt's pods are stopping; every rank starts again from the last checkpoint"
+        conditions[ConditionType.RUNNING] = ("False", GROUP_RESTART, message)
+        return Step(Phase.STARTING, GROUP_RESTART, message, conditions)
+    if obs.spec.resources.nodes == 1:
+        return None
+    lost = failed_rank(obs.train_pods)
+    if lost is None or terminated(lost).get("exitCode") == EXIT_USER_ERROR:
+        return None  # a user error fails the whole Job (its podFailurePolicy), nothing to restart
+    name = lost["metadata"]["name"]
+    disrupted = disruption(lost)
+    what = f"was disrupted ({disrupted[0]})" if disrupted else f"failed (exit code {terminated(lost).get('exitCode')})"
+    restarts = obs.status.restarts or 0
+    if restarts >= obs.spec.backoff_limit:
+        error = ErrorInfo(
+            reason="BackoffLimitExceeded",
+            message=f"pod {name} {what}, and the group has restarted {restarts} times (spec.backoffLimit)",
+            pod=name,
+        )
+        return replace(failed(error, validated=True), actions=(Action.DELETE_WORKLOAD,))
+    message = f"pod {name} {what}: every rank starts again from the last checkpoint"
+    conditions[ConditionType.RUNNING] = ("False", GROUP_RESTART, message)
+    return Step(Phase.STARTING, GROUP_RESTART, message, conditions, (Action.RESTART_TRAINING,))
+
+
+def _stuck(obs: Observation, pods: Sequence[Manifest], job: Manifest) -> ErrorInfo | None:
+    """A pod stuck on what cannot heal, or a volume that has failed to mount, for longer than the timeout."""
+    stuck = stuck_pod(pods, obs.now, obs.stuck_timeout_seconds)
+    if stuck is not None:
+        return ErrorInfo(reason=stuck[0], message=stuck[1])
+    for warning in _warnings_of(obs, job, pods):
+        if (
+            warning.reason == "FailedMount"
+            and (obs.now - warning.first_seen).total_seconds() >= obs.stuck_timeout_seconds
+        ):
+            return ErrorInfo(reason="VolumeMountFailed", message=_say(warning))
+    return None
+
+
+def _warnings_of(obs: Observation, job: Manifest, pods: Sequence[Manifest]) -> list[ChildWarning]:
+    names = {("Job", job.get("metadata", {}).get("name"))} | {("Pod", pod["metadata"]["name"]) for pod in pods}
+    return [warning for warning in obs.warnings if (warning.kind, warning.name) in names]
+
+
+def _warning(obs: Observation, job: Manifest, pods: Sequence[Manifest]) -> ChildWarning | None:
+    """The newest Warning Event on the Job or its active pods (FailedCreate, FailedMount, ...), if any."""
+    relevant = _warnings_of(obs, job, pods)
+    return relevant[-1] if relevant else None
+
+
+def _say(warning: ChildWarning) -> str:
+    return f"{warning.kind} {warning.name}: {warning.reason}: {warning.message}"
 
 
 def _queued_reason(obs: Observation) -> tuple[str, str]:

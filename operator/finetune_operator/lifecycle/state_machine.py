@@ -6,9 +6,9 @@ from finetune_operator.api.status import FineTuneJobStatus, Phase, Workload
 from finetune_operator.lifecycle.conditions import set_condition
 from finetune_operator.lifecycle.gpu_seconds import gpu_seconds
 from finetune_operator.lifecycle.kstatus import with_kstatus_conditions
-from finetune_operator.lifecycle.notices import retry_notices, transition_notices
+from finetune_operator.lifecycle.notices import disruption_notices, retry_notices, transition_notices
 from finetune_operator.lifecycle.observation import Action, Decision, Observation
-from finetune_operator.lifecycle.observed import job_failed_pods, rank0_output, trainer_state
+from finetune_operator.lifecycle.observed import disrupted_pods, job_failed_pods, rank0_output, trainer_state
 from finetune_operator.lifecycle.phase import Step, evaluate
 from finetune_operator.lifecycle.resolved import batch_notices, resolve_status
 from finetune_operator.lifecycle.ttl import ttl_after_finished
@@ -27,7 +27,11 @@ def decide(obs: Observation) -> Decision:
         return _after_finish(obs)
     step = evaluate(obs)
     status = _bookkeep(obs, step)
-    notices = [*transition_notices(previous, status, step), *retry_notices(obs, previous, status)]
+    notices = [
+        *transition_notices(previous, status, step),
+        *disruption_notices(obs),
+        *retry_notices(obs, previous, status),
+    ]
     if obs.spec is not None and previous.resolved is None and status.resolved is not None:
         notices.extend(batch_notices(obs.spec, status.resolved))
     actions = step.actions
@@ -71,7 +75,11 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
     if step.phase.finished and completed_at is None:
         completed_at = now
     spec = obs.spec
-    restarts = job_failed_pods(obs.train_job)
+    if Action.RESTART_TRAINING in step.actions:
+        restarts = (previous.restarts or 0) + 1
+    else:
+        disrupted = obs.known_disruptions | disrupted_pods(obs.train_pods)
+        restarts = max(previous.restarts or 0, job_failed_pods(obs.train_job) + len(disrupted))
     status = previous.model_copy(
         update={
             "phase": step.phase,
@@ -83,7 +91,7 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
             "started_at": started_at,
             "completed_at": completed_at,
             "gpu_seconds": _gpu_seconds(obs, step),
-            "restarts": restarts if restarts else previous.restarts,
+            "restarts": restarts or previous.restarts,
             "resolved": resolve_status(spec, obs) if spec is not None else previous.resolved,
             "error": step.error or (None if step.phase is not Phase.FAILED else previous.error),
             "output": step.output or previous.output,

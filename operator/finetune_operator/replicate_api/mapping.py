@@ -138,7 +138,8 @@ def finetunejob_manifest(
         spec["webhook"] = webhook
     try:
         parsed = FineTuneJobSpec.model_validate(spec)
-        resolve_trainer_config(name, namespace, parsed, settings)
+        # Checked before the FineTuneJob (and so its UID) exists: the checks do not depend on the UID.
+        resolve_trainer_config(name, namespace, "", parsed, settings)
     except ValidationError as error:
         raise InvalidTraining(_problems(error, prefix="spec")) from None
     except InvalidSpec as error:
