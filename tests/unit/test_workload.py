@@ -227,15 +227,13 @@ def test_cpu_shape_requests_no_gpu_and_runs_one_process_per_pod() -> None:
 
 
 def test_cpu_shape_runs_validation_and_training_where_the_spec_places_them() -> None:
-    placement = {
-        "nodeSelector": {"pool": "cpu"},
-        "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
-    }
-    spec = make_spec(resources={"gpusPerNode": 0, **placement})
+    node_selector = {"pool": "cpu"}
+    tolerations = [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    spec = make_spec(resources={"gpusPerNode": 0, "nodeSelector": node_selector, "tolerations": tolerations})
     validation, training = build_validation_job(run_of(spec)), build_train_job(run_of(spec))
-    assert {key: pod_spec(validation)[key] for key in placement} == placement
-    assert pod_spec(training)["nodeSelector"] == placement["nodeSelector"]
-    assert pod_spec(training)["tolerations"] == LOST_NODE_TOLERATIONS + placement["tolerations"]
+    assert (pod_spec(validation)["nodeSelector"], pod_spec(validation)["tolerations"]) == (node_selector, tolerations)
+    assert pod_spec(training)["nodeSelector"] == node_selector
+    assert pod_spec(training)["tolerations"] == LOST_NODE_TOLERATIONS + tolerations
     for job in (validation, training):
         assert "nvidia.com/gpu" not in trainer(job)["resources"]["limits"]
 
