@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEVCLUSTER := tests/cluster/devcluster.py
 
-.PHONY: help venv lint unit integration trainer-tests test crds cluster-binaries cluster-up cluster-down demo bench-trainer tmux krew-archive
+.PHONY: help venv lint unit integration trainer-tests test crds cluster-binaries cluster-up cluster-down demo \
+	bench-trainer bench-gpu trainer-lock trainer-image-check tmux krew-archive
 
 help:
 	@echo "make demo          bring up the local cluster and fine-tune a tiny Llama for real on it"
@@ -15,7 +16,10 @@ help:
 	@echo "make crds          regenerate crds/ from the pydantic models"
 	@echo "make cluster-up    start the local control plane (builds it from source the first time)"
 	@echo "make cluster-down  stop it"
-	@echo "make bench-trainer packing and throughput benchmark of the trainer"
+	@echo "make bench-trainer packing, attention and memory-plan benchmark of the trainer (CPU)"
+	@echo "make bench-gpu     the same, Llama-2-7B-shaped on one CUDA GPU; figures in bench-gpu.json"
+	@echo "make trainer-lock  re-pin the trainer image's dependencies with hashes (trainer-image/requirements.lock)"
+	@echo "make trainer-image-check  hadolint, and the image's venv built from the lock runs the entrypoint"
 
 # The virtual environment is rebuilt whenever a pyproject.toml changes. It holds the three distributions: the
 # contract, the operator (with the dev tools) and the trainer (for its CPU tests).
@@ -78,3 +82,27 @@ krew-archive:
 
 bench-trainer: venv
 	$(PY) -m finetune_trainer.bench
+
+# A random Llama-2-7B-shaped model (no download), sized to finish within 8 minutes on one H100-class GPU.
+bench-gpu: venv
+	$(PY) -m finetune_trainer.bench --device cuda --validate-mb --output bench-gpu.json
+
+# The trainer image's dependencies for linux/x86_64, every transitive one and the build backend, with hashes.
+TRAINER_LOCK := trainer-image/requirements.lock
+trainer-lock: venv
+	echo "hatchling==1.33.0" | $(VENV)/bin/uv pip compile trainer-image/pyproject.toml - \
+	    --override <(echo "finetune-contract @ ./contract") --no-emit-package finetune-contract \
+	    --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	    --custom-compile-command "make trainer-lock" --output-file $(TRAINER_LOCK)
+
+# What can be checked of the image without Docker: hadolint, and a venv built as the Dockerfile builds it (the
+# locked wheels by hash, then the contract and the trainer without build isolation) whose entrypoint runs.
+# Downloads the CUDA wheels (about 4 GB) into a temporary directory.
+trainer-image-check: venv
+	$(VENV)/bin/hadolint trainer-image/Dockerfile
+	set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	$(PYTHON) -m venv "$$scratch/venv"; \
+	PIP_NO_CACHE_DIR=1 "$$scratch/venv/bin/pip" install --quiet --require-hashes --no-deps -r $(TRAINER_LOCK); \
+	"$$scratch/venv/bin/pip" install --quiet --no-deps --no-build-isolation ./contract ./trainer-image; \
+	"$$scratch/venv/bin/pip" check; \
+	"$$scratch/venv/bin/finetune-trainer" --help

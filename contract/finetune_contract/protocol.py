@@ -176,6 +176,27 @@ def termination_message(output: OutputEvent, limit: int = TERMINATION_MESSAGE_LI
     raise ValueError(f"weights URI too long for a {limit}-byte termination message")
 
 
+def error_termination_message(error: ErrorEvent, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """The error event as a termination message of at most `limit` bytes (UTF-8), its message cut to fit."""
+    message = encode(error)
+    if len(message.encode()) <= limit:
+        return message
+
+    def cut(characters: int) -> str:
+        return encode(error.model_copy(update={"message": error.message[:characters] + " ..."}))
+
+    # The longest prefix that fits, found by bisection: JSON escapes and multi-byte characters make a character's
+    # encoded size vary, so sizes are measured rather than computed.
+    shortest, longest = 0, len(error.message)
+    while shortest < longest:
+        middle = (shortest + longest + 1) // 2
+        if len(cut(middle).encode()) <= limit:
+            shortest = middle
+        else:
+            longest = middle - 1
+    return cut(shortest)
+
+
 def parse_termination_message(message: str) -> Event | None:
     """The event a container left as its termination message (the last line that is one, if several)."""
     for line in reversed(message.strip().splitlines()):

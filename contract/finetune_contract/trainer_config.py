@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_contract.inputs import TrainingInput
 
 TRAINER_CONFIG_PATH = "/etc/finetune/input.json"
+
+# Which decoder layers recompute their activations in the backward pass: "auto" (the trainer's memory plan from
+# the model's shape, the GPU's memory, micro batch and chunk size), "off", "all", or n for every n-th layer.
+ActivationCheckpointing = Literal["auto", "off", "all"] | Annotated[int, Field(ge=1)]
 
 
 class TrainerConfig(BaseModel):
@@ -21,6 +27,12 @@ class TrainerConfig(BaseModel):
     job: str = Field("", description="namespace/name of the FineTuneJob, for log lines and metadata.")
     run_uid: str = Field(
         "", description="The FineTuneJob's UID: part of the checkpoints' fingerprint, so no other run resumes them."
+    )
+    checkpoint_every_minutes: float | None = Field(
+        30.0, gt=0, description="Save a checkpoint this often besides each epoch's end (None: only at epochs' end)."
+    )
+    activation_checkpointing: ActivationCheckpointing = Field(
+        "auto", description='"auto" (the memory plan), "off", "all", or n: every n-th decoder layer.'
     )
 
     @property

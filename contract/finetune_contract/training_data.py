@@ -8,6 +8,7 @@ format. Other keys are ignored. Errors name the input (train_data, validation_da
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,34 +54,56 @@ def _row_format(name: str, line: int, row: object) -> tuple[DataFormat, Row]:
     return kind, {field: row[field] for field in _FIELDS[kind]}
 
 
-def parse_rows(content: bytes, name: str) -> Rows:
-    """Every row of a JSONL file, checked; `name` (train_data, validation_data) goes into error messages."""
-    rows: list[Row] = []
-    first: tuple[DataFormat, int] | None = None
-    for number, raw_line in enumerate(content.split(b"\n"), start=1):
+class RowReader:
+    """Checks a file's rows one line at a time (a file of any size streams through it), remembering its format;
+    `name` (train_data, validation_data) goes into error messages."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.first: tuple[DataFormat, int] | None = None
+
+    @property
+    def format(self) -> DataFormat:
+        if self.first is None:
+            raise InvalidTrainingData(f"{self.name}: no rows (the file is empty)")
+        return self.first[0]
+
+    def rows(self, lines: Iterable[bytes]) -> Iterator[Row]:
+        """The rows of `lines` (one per physical line, without line ends), checked; blank lines are skipped."""
+        for number, raw_line in enumerate(lines, start=1):
+            row = self.row(number, raw_line)
+            if row is not None:
+                yield row
+
+    def row(self, number: int, raw_line: bytes) -> Row | None:
         try:
             text = raw_line.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise _bad(name, number, f"not valid UTF-8 ({error.reason} at byte {error.start})") from error
+            raise _bad(self.name, number, f"not valid UTF-8 ({error.reason} at byte {error.start})") from error
         if not text.strip():
-            continue
+            return None
         try:
             value = json.loads(text)
         except ValueError as error:
-            raise _bad(name, number, f"not valid JSON ({error})") from error
-        kind, row = _row_format(name, number, value)
-        if first is None:
-            first = (kind, number)
-        elif kind != first[0]:
+            raise _bad(self.name, number, f"not valid JSON ({error})") from error
+        kind, row = _row_format(self.name, number, value)
+        if self.first is None:
+            self.first = (kind, number)
+        elif kind != self.first[0]:
             raise _bad(
-                name,
+                self.name,
                 number,
-                f"{describe(kind)} row, but line {first[1]} is a {describe(first[0])} row; use one format per file",
+                f"{describe(kind)} row, but line {self.first[1]} is a {describe(self.first[0])} row; "
+                "use one format per file",
             )
-        rows.append(row)
-    if first is None:
-        raise InvalidTrainingData(f"{name}: no rows (the file is empty)")
-    return Rows(first[0], rows)
+        return row
+
+
+def parse_rows(content: bytes, name: str) -> Rows:
+    """Every row of a JSONL file, checked; `name` (train_data, validation_data) goes into error messages."""
+    reader = RowReader(name)
+    rows = list(reader.rows(content.split(b"\n")))
+    return Rows(reader.format, rows)
 
 
 def describe(kind: DataFormat) -> str:

@@ -89,6 +89,8 @@ def resolve_trainer_config(
         nodes=spec.resources.nodes,
         gpus_per_node=spec.resources.gpus_per_node,
         job=f"{namespace}/{name}",
+        activation_checkpointing=settings.activation_checkpointing,
+        checkpoint_every_minutes=settings.checkpoint_every_minutes,
     )
 
 

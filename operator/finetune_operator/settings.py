@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, IPvAnyNetwork
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from finetune_contract.trainer_config import ActivationCheckpointing
 from finetune_operator.api.spec import DEFAULT_MODEL
 
 
@@ -38,6 +39,16 @@ class Settings(BaseSettings):
     trainer_service_account: str | None = Field(
         None,
         description="ServiceAccount of trainer pods (e.g. one bound to cloud storage by workload identity).",
+    )
+    checkpoint_every_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="Trainers save a checkpoint this often besides each epoch's end (a retry resumes there).",
+    )
+    activation_checkpointing: ActivationCheckpointing = Field(
+        "auto",
+        description='Activation checkpointing in trainer pods: "auto" (planned from the model, GPU memory, micro '
+        'batch and chunk size), "off", "all", or n for every n-th decoder layer.',
     )
     master_port: int = Field(29500, description="torch.distributed rendezvous port on pod 0.")
     progress_interval_seconds: float = Field(

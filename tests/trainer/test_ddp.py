@@ -33,6 +33,10 @@ def test_two_process_ddp_runs_to_the_end_with_identical_replicas(tiny_model_dir:
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out[-4000:]
 
+    # The node staged the checked data once, and the prepared (tokenized) datasets are cached where both ranks read.
+    work = tmp_path / "work"
+    assert sorted(path.name for path in (work / "data").iterdir()) == ["split.json", "train.jsonl", "validation.jsonl"]
+    assert list((work / "datasets").rglob("cache-*.arrow"))
     events = events_in(out)
     # Events come from rank 0 only: one start, one output.
     [start] = [event for event in events if isinstance(event, StartEvent)]

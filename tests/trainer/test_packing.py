@@ -15,40 +15,95 @@ from finetune_contract.trainer_config import TrainerConfig
 pytestmark = pytest.mark.trainer
 
 
-def _trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], **inputs: Any) -> Any:
-    from finetune_contract.training_data import DataFormat
-    from finetune_trainer.data import Split
+def _trainer(
+    tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], attention: str = "sdpa", **inputs: Any
+) -> Any:
+    from datasets import Dataset
+
     from finetune_trainer.model import load_base_model, load_tokenizer
     from finetune_trainer.train import build_trainer
 
     config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out", **inputs))
-    kind: DataFormat = "text" if "text" in rows[0] else "prompt_completion"
-    model = load_base_model(tiny_model_dir, config.input, 0)
+    model = load_base_model(tiny_model_dir, config.input, 0, attention)
     return build_trainer(
-        config.input, Split(kind, rows, []), model, load_tokenizer(tiny_model_dir), output_dir=tmp_path, callbacks=[]
+        config.input,
+        Dataset.from_list(rows),
+        None,
+        model,
+        load_tokenizer(tiny_model_dir),
+        output_dir=tmp_path,
+        callbacks=[],
     )
 
 
-def test_packed_examples_give_the_same_logits_as_each_example_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+def per_document_varlen_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    cu_seq_q: Any,
+    cu_seq_k: Any,
+    *lengths: int,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+) -> Any:
+    """torch's varlen_attn contract (CUDA only) computed on the CPU one document at a time, so that the `varlen`
+    implementation's handling of the packed row is tested here; the kernel itself runs in `make bench-gpu`."""
     import torch
+    import torch.nn.functional as F
 
-    trainer = _trainer(tiny_model_dir, tmp_path, learnable_rows(16), pack_sequences=True, chunk_size=64)
+    assert window_size == (-1, 0), "packed documents must attend causally"
+    assert torch.equal(cu_seq_q, cu_seq_k)
+    output = torch.empty_like(query)
+    for start, end in itertools.pairwise(cu_seq_q.tolist()):
+        q, k, v = (tensor[start:end].transpose(0, 1) for tensor in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+        output[start:end] = attended.transpose(0, 1)
+    return output
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention", "varlen"])
+def test_packed_examples_give_the_same_logits_as_each_example_alone(
+    tiny_model_dir: Path, tmp_path: Path, attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from torch.nn.attention import varlen
+
+    if attention == "varlen":
+        monkeypatch.setattr(varlen, "varlen_attn", per_document_varlen_attention)
+    trainer = _trainer(tiny_model_dir, tmp_path, learnable_rows(16), attention, pack_sequences=True, chunk_size=64)
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     assert input_ids.shape[0] == 1
     assert "attention_mask" not in batch
     starts = [*(position_ids[0] == 0).nonzero().flatten().tolist(), input_ids.shape[1]]
     assert len(starts) - 1 >= 4, "expected several examples packed together"
+    assert batch["cu_seq_lens_q"].tolist() == starts
     model = trainer.model.eval()
+    packed_inputs = {key: value for key, value in batch.items() if key not in ("labels", "seq_idx")}
     with torch.no_grad():
-        packed = model(input_ids=input_ids, position_ids=position_ids).logits[0]
-        leaky = model(input_ids=input_ids).logits[0]  # plain causal attention over the whole row
+        packed = model(**packed_inputs, use_cache=False).logits[0]
+        leaky = model(input_ids=input_ids, use_cache=False).logits[0]  # plain causal attention over the whole row
         for start, end in itertools.pairwise(starts):
-            alone = model(input_ids=input_ids[:, start:end]).logits[0]
+            alone = model(input_ids=input_ids[:, start:end], use_cache=False).logits[0]
             torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)
-    # The check can see leakage: without the per-example positions, later examples attend to earlier ones.
+    # The check can see leakage: without the document boundaries, later examples attend to earlier ones.
     second = slice(starts[1], starts[2])
     assert not torch.allclose(leaky[second], packed[second], atol=1e-3)
+
+
+def test_packing_splits_a_row_longer_than_chunk_size_and_keeps_every_token(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    chunk = 16
+    rows = text_rows(24)
+    trainer = _trainer(tiny_model_dir, tmp_path, rows, pack_sequences=True, chunk_size=chunk)
+    tokenizer = trainer.processing_class
+    lengths = [len(tokenizer(row["text"] + tokenizer.eos_token)["input_ids"]) for row in rows]
+    assert max(lengths) > chunk, "the data must hold rows longer than the chunk"
+    packed = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    assert max(packed) <= chunk
+    assert sum(packed) == sum(lengths)  # split into pieces, none cut off
 
 
 def test_wrapped_packing_yields_constant_length_sequences(tiny_model_dir: Path, tmp_path: Path) -> None:

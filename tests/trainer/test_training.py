@@ -91,22 +91,24 @@ def test_prompt_completion_rows_train_on_the_completion_only_exactly(lora_run: R
 
 
 def test_text_rows_train_on_every_token(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from finetune_trainer.data import Split
+    from datasets import Dataset
+
     from finetune_trainer.model import load_base_model, load_tokenizer
     from finetune_trainer.train import build_trainer
 
     config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out"))
     tokenizer = load_tokenizer(tiny_model_dir)
-    split = Split("text", text_rows(8), [])
+    rows = text_rows(8)
     trainer = build_trainer(
         config.input,
-        split,
+        Dataset.from_list(rows),
+        None,
         load_base_model(tiny_model_dir, config.input, 0),
         tokenizer,
         output_dir=tmp_path,
         callbacks=[],
     )
-    for row, example in zip(split.train, trainer.train_dataset, strict=True):
+    for row, example in zip(rows, trainer.train_dataset, strict=True):
         assert example["input_ids"] == tokenizer(row["text"] + tokenizer.eos_token)["input_ids"]
         assert example["labels"] == example["input_ids"]
 

@@ -40,7 +40,10 @@ def test_train_on_bad_data_never_starts_training(tmp_path: Path, tiny_model_dir:
     assert isinstance(events[-1], ErrorEvent)
     assert "train_data line 31: not valid JSON" in events[-1].message
     assert not (tmp_path / "dest").exists()
-    assert not (tmp_path / "work").exists()
+    # Nothing was loaded, and the half-staged data is not taken for a checked copy by a later start.
+    assert not (tmp_path / "work" / "weights").exists()
+    assert not (tmp_path / "work" / "trainer").exists()
+    assert not (tmp_path / "work" / "data" / "split.json").exists()
 
 
 def test_bad_inputs_are_user_errors_too(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -88,6 +91,23 @@ def test_validate_summarizes_good_data(tmp_path: Path, tiny_model_dir: Path) -> 
     tokens = summary["train_tokens"]
     assert tokens["min"] < CHUNK < tokens["max"], tokens
     assert 0 < tokens["share_over_chunk_size"] < 1
+    longer = summary["over_chunk_size"]
+    assert longer["rows"] == round(tokens["share_over_chunk_size"] * 32)
+    assert longer["handling"] == "truncated"
+    assert longer["tokens_truncated"] > 0
+
+
+def test_validate_counts_the_rows_packing_splits(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", text_rows(40))
+    config = trainer_config(tiny_model_dir, data, tmp_path / "d", chunk_size=CHUNK, pack_sequences=True)
+    code, out = run_cli(["validate", "--input", str(write_config(tmp_path / "in.json", config))])
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["over_chunk_size"]["rows"] > 0
+    assert summary["over_chunk_size"]["handling"] == "split"
+    assert summary["over_chunk_size"]["tokens_truncated"] == 0
+    # Every token is packed: at least total / chunk_size sequences.
+    assert summary["train_sequences"] >= summary["train_tokens"]["total"] / CHUNK
 
 
 def test_validation_rows_come_from_the_head_of_validation_data(tmp_path: Path, tiny_model_dir: Path) -> None:

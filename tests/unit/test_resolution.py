@@ -105,3 +105,21 @@ def test_invalid_specs_name_the_field(fields: dict[str, Any], settings: Settings
     assert raised.value.field == field
     assert message in raised.value.message
     assert str(raised.value).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, "auto"), ("all", "all"), ("off", "off"), ("2", 2)])
+def test_the_activation_checkpointing_setting_reaches_the_trainer_input(
+    env: str | None, expected: str | int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("FINETUNE_ACTIVATION_CHECKPOINTING", env)
+    settings = Settings(model_weights=SETTINGS.model_weights, default_destination="s3://finetunes/")
+    config = resolve_trainer_config("demo", "research", "run-uid", make_spec(), settings)
+    assert config.activation_checkpointing == expected
+    assert type(config).model_validate_json(config.model_dump_json()).activation_checkpointing == expected
+
+
+def test_an_activation_checkpointing_setting_that_is_no_plan_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_ACTIVATION_CHECKPOINTING", "sometimes")
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        Settings()

@@ -22,12 +22,19 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from finetune_contract.protocol import EXIT_USER_ERROR, ErrorEvent, ResolvedRun, ValidatedEvent, encode, parse_line
+from finetune_contract.protocol import EXIT_USER_ERROR, ErrorEvent, ResolvedRun, ValidatedEvent, encode
 from finetune_contract.trainer_config import TRAINER_CONFIG_PATH
 from finetune_trainer.config import load_config
-from finetune_trainer.data import load_split
-from finetune_trainer.errors import TRAINER_FAILED, USER_ERROR_REASONS, UserError
-from finetune_trainer.events import log, read_termination_message, report_error, write_termination_message
+from finetune_trainer.errors import TRAINER_FAILED, USER_ERROR_REASONS, WEIGHTS_NOT_FOUND, UserError
+from finetune_trainer.events import (
+    claim_first_error,
+    first_error,
+    forget_first_error,
+    log,
+    rank,
+    report_error,
+    write_termination_message,
+)
 
 WORKDIR_ENV = "FINETUNE_WORKDIR"
 DEFAULT_WORKDIR = "/tmp/finetune-trainer"
@@ -35,14 +42,22 @@ DEFAULT_MASTER_PORT = "29500"
 
 
 def validate(input_path: str) -> int:
-    from finetune_trainer.model import TOKENIZER_FILES, load_tokenizer
-    from finetune_trainer.storage import download_tokenizer
+    import tempfile
+
+    from finetune_trainer.data import stage_split
+    from finetune_trainer.model import CONFIG_FILE, TOKENIZER_FILES, check_chunk_size, load_tokenizer, read_model_config
+    from finetune_trainer.storage import download_files
     from finetune_trainer.summary import summarize
 
     config = load_config(input_path)
-    split = load_split(config.input)
-    tokenizer = load_tokenizer(download_tokenizer(config.weights, TOKENIZER_FILES))
-    summary = summarize(split, tokenizer, config.input, config.world_size)
+    try:
+        model_files = download_files(config.weights, (CONFIG_FILE, *TOKENIZER_FILES))
+    except FileNotFoundError as error:
+        raise UserError(WEIGHTS_NOT_FOUND, f"base weights not found at {config.weights}") from error
+    check_chunk_size(config.input, read_model_config(model_files))
+    with tempfile.TemporaryDirectory(prefix="validate-") as scratch:
+        split = stage_split(config.input, Path(scratch))
+        summary = summarize(split, load_tokenizer(model_files), config.input, config.world_size)
     print(json.dumps(summary, indent=2), flush=True)
     # The operator reads the data's size from the validation pod's termination message into status.resolved.
     plan = summary["batch_plan"]
@@ -91,14 +106,22 @@ def torchrun_command(input_path: str, workdir: str, nnodes: int, nproc_per_node:
 
 
 def launch(input_path: str, workdir: str) -> int:
+    """Check the inputs, stage the data and probe the destination on this node, then start its training
+    processes. Bad data and an unwritable destination fail here, before any model is loaded."""
+    from finetune_trainer.data import write_staged
+    from finetune_trainer.train import probe_destination
+
     config = load_config(input_path)
-    load_split(config.input)  # bad data fails here, before any training process starts
+    scratch = Path(workdir)
+    write_staged(config.input, scratch / "data")
+    probe_destination(config.destination, config.run_uid)
     nnodes = int(os.environ.get("NNODES") or config.nodes)
     nproc = int(os.environ.get("NPROC_PER_NODE") or config.processes_per_node)
     if nnodes * nproc == 1:
         return worker(input_path, workdir)
     if nnodes > 1 and "MASTER_ADDR" not in os.environ:
         raise UserError("InvalidInput", f"nodes={nnodes} needs MASTER_ADDR (the first pod's address) in the env")
+    forget_first_error(scratch)
     log(f"starting {nproc} training processes on this node ({nnodes} nodes)")
     process = subprocess.Popen(torchrun_command(input_path, workdir, nnodes, nproc))
 
@@ -110,23 +133,46 @@ def launch(input_path: str, workdir: str) -> int:
     code = process.wait()
     if code == 0:
         return 0
-    event = parse_line(read_termination_message())
-    if isinstance(event, ErrorEvent):
-        return EXIT_USER_ERROR if event.reason in USER_ERROR_REASONS else 1
-    report_error(ErrorEvent(reason=TRAINER_FAILED, message=f"training processes exited with code {code}"))
+    error = first_error(scratch) or ErrorEvent(
+        reason=TRAINER_FAILED, message=f"training processes exited with code {code}"
+    )
+    report_error(error)
+    if error.reason in USER_ERROR_REASONS:
+        return EXIT_USER_ERROR
     return code if code > 0 else 128 - code
 
 
+def _error_event(error: Exception) -> ErrorEvent:
+    if isinstance(error, UserError):
+        return ErrorEvent(reason=error.reason, message=error.message)
+    traceback.print_exc()
+    return ErrorEvent(reason=TRAINER_FAILED, message=f"{type(error).__name__}: {error}")
+
+
+def _exit_code(event: ErrorEvent) -> int:
+    return EXIT_USER_ERROR if event.reason in USER_ERROR_REASONS else 1
+
+
 def _guarded(action: Callable[[], int]) -> int:
+    """Run a command; report its failure as the error event and the pod's termination message."""
     try:
         return action()
-    except UserError as error:
-        report_error(ErrorEvent(reason=error.reason, message=error.message))
-        return EXIT_USER_ERROR
     except Exception as error:
-        traceback.print_exc()
-        report_error(ErrorEvent(reason=TRAINER_FAILED, message=f"{type(error).__name__}: {error}"))
-        return 1
+        event = _error_event(error)
+        report_error(event)
+        return _exit_code(event)
+
+
+def _guarded_worker(action: Callable[[], int], workdir: Path) -> int:
+    """Run one of torchrun's training processes; the first of a node to fail records its error for the launcher,
+    which reports it once the processes are gone."""
+    try:
+        return action()
+    except Exception as error:
+        event = _error_event(error)
+        if claim_first_error(workdir, event):
+            print(f"finetune-trainer: rank {rank()} failed first: {event.reason}: {event.message}", flush=True)
+        return _exit_code(event)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -155,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: validate(args.input))
     if args.command == "train":
         return _guarded(lambda: launch(args.input, args.workdir))
+    if "LOCAL_WORLD_SIZE" in os.environ:  # under torchrun
+        return _guarded_worker(lambda: worker(args.input, args.workdir), Path(args.workdir))
     return _guarded(lambda: worker(args.input, args.workdir))
 
 

@@ -1,12 +1,24 @@
-"""User errors: bad inputs or bad data. The trainer reports them and exits with EXIT_USER_ERROR (never retried)."""
+"""User errors: bad inputs, bad data, or a run that cannot fit. Reported and ended with EXIT_USER_ERROR (never
+retried, since a retry would fail the same way); the reasons are the ones users search for."""
 
 from __future__ import annotations
 
-# Reasons a user can act on. The launcher maps a worker's error event with one of these to EXIT_USER_ERROR.
 INVALID_INPUT = "InvalidInput"
 INVALID_TRAINING_DATA = "InvalidTrainingData"
 WEIGHTS_NOT_FOUND = "WeightsNotFound"
-USER_ERROR_REASONS = frozenset((INVALID_INPUT, INVALID_TRAINING_DATA, WEIGHTS_NOT_FOUND))
+DESTINATION_NOT_WRITABLE = "DestinationNotWritable"
+OUT_OF_MEMORY = "OutOfMemory"
+DESTINATION_IN_USE = "DestinationInUse"
+USER_ERROR_REASONS = frozenset(
+    (
+        INVALID_INPUT,
+        INVALID_TRAINING_DATA,
+        WEIGHTS_NOT_FOUND,
+        DESTINATION_NOT_WRITABLE,
+        DESTINATION_IN_USE,
+        OUT_OF_MEMORY,
+    )
+)
 
 # Anything else failed in the trainer itself (retried by the Job's backoffLimit).
 TRAINER_FAILED = "TrainerFailed"

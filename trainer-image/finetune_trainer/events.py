@@ -12,8 +12,6 @@ from finetune_contract.protocol import ErrorEvent, Event
 
 # Where the termination message goes; the env override is for running outside Kubernetes (and for tests).
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
-# Keeps an error event well inside the 4096-byte termination message.
-ERROR_MESSAGE_LIMIT = 3000
 
 
 def rank() -> int:
@@ -48,18 +46,38 @@ def write_termination_message(message: str) -> None:
         path.write_text(message, encoding="utf-8")
 
 
-def read_termination_message() -> str:
-    path = Path(os.environ.get(TERMINATION_LOG_ENV, protocol.TERMINATION_MESSAGE_PATH))
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError:
-        return ""
-
-
 def report_error(error: ErrorEvent) -> None:
-    """An error event on stdout and, from each pod's first process, as the pod's termination message."""
-    if len(error.message) > ERROR_MESSAGE_LIMIT:
-        error = error.model_copy(update={"message": error.message[:ERROR_MESSAGE_LIMIT] + " ..."})
-    emit(error)
-    if local_rank() == 0:
-        write_termination_message(protocol.encode(error))
+    """The error event on stdout and as the pod's termination message (cut to fit 4096 bytes)."""
+    message = protocol.error_termination_message(error)
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+    write_termination_message(message)
+
+
+# In the workdir, which a node's processes share: the first training process of the node to fail claims it, so the
+# root cause is reported rather than the other ranks' follow-on errors (a collective that lost a peer).
+FIRST_ERROR_FILE = "first-error.json"
+
+
+def claim_first_error(workdir: Path, error: ErrorEvent) -> bool:
+    """Record `error` as this node's first failure unless another process got there first."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with (workdir / FIRST_ERROR_FILE).open("x", encoding="utf-8") as handle:
+            handle.write(protocol.encode(error))
+    except FileExistsError:
+        return False
+    return True
+
+
+def first_error(workdir: Path) -> ErrorEvent | None:
+    try:
+        event = protocol.parse_line((workdir / FIRST_ERROR_FILE).read_text(encoding="utf-8"))
+    except OSError:
+        return None
+    return event if isinstance(event, ErrorEvent) else None
+
+
+def forget_first_error(workdir: Path) -> None:
+    """A restarted pod starts with no recorded failure (the workdir outlives the container)."""
+    (workdir / FIRST_ERROR_FILE).unlink(missing_ok=True)

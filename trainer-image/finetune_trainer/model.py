@@ -8,13 +8,17 @@ falls short. The cost is small: at rank 8 on Llama 2 7B it is 20M trainable para
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from finetune_contract.inputs import TrainingInput
+from finetune_trainer import attention
+from finetune_trainer.errors import INVALID_INPUT, WEIGHTS_NOT_FOUND, UserError
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Files `validate` needs to count tokens, so it can fetch the tokenizer without the multi-gigabyte weights.
+# Files `validate` needs to count tokens and check chunk_size, fetched without the multi-gigabyte weights.
+CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -62,22 +66,52 @@ def load_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
-def load_base_model(directory: Path, inputs: TrainingInput, local_rank: int) -> Any:
-    """The frozen base model, ready for `get_peft_model` (QLoRA: quantised and prepared for k-bit training)."""
+def read_model_config(directory: Path) -> dict[str, Any]:
+    """The checkpoint's config.json; WeightsNotFound when the directory has none."""
+    path = directory / CONFIG_FILE
+    try:
+        config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise UserError(WEIGHTS_NOT_FOUND, f"the base weights have no {CONFIG_FILE}") from error
+    return config
+
+
+def check_chunk_size(inputs: TrainingInput, model_config: dict[str, Any]) -> None:
+    """chunk_size is the longest sequence trained on: it must fit the model's context."""
+    context = model_config.get("max_position_embeddings")
+    if isinstance(context, int) and inputs.chunk_size > context:
+        raise UserError(
+            INVALID_INPUT,
+            f"chunk_size={inputs.chunk_size} exceeds the base model's context length of {context} tokens "
+            f"(max_position_embeddings); set chunk_size to {context} or less",
+        )
+
+
+def load_base_model(
+    directory: Path, inputs: TrainingInput, local_rank: int, attn_implementation: str | None = None
+) -> Any:
+    """The frozen base model, ready for `get_peft_model` (QLoRA: quantised and prepared for k-bit training).
+
+    On CUDA each process loads its weights straight onto its own GPU: safetensors are memory-mapped, so the host
+    holds the files once in its page cache, not one full copy per process.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    attention.register()
     cuda = has_cuda()
     quantization = quantization_config(inputs)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {
+        "dtype": torch.bfloat16 if cuda else torch.float32,
+        "attn_implementation": attn_implementation or attention.choose(cuda),
+        "device_map": {"": local_rank if cuda else "cpu"},
+    }
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": local_rank if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        # Activation checkpointing follows the memory plan, set through SFTConfig.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
     return model

@@ -1,4 +1,9 @@
-"""Where files live: local paths, `pvc://claim/path` (a mounted claim), and s3://, gs://, https:// via fsspec.
+"""Where files live, through fsspec: every URI becomes one filesystem and a path on it, in `locate`.
+
+`pvc://claim/path` is the claim the operator mounts at `/mnt/pvc/claim`, read as a local path; a plain path (or
+`file://`) is itself; every other scheme is fsspec's filesystem for it: s3 (s3fs), gs (gcsfs), https (HTTP),
+hf (huggingface_hub's HfFileSystem, token from `HF_TOKEN`). A new scheme is an fsspec protocol, plus an entry in
+`_OPTIONS` when it needs settings from the env.
 
 S3-compatible storage (MinIO, Ceph, R2, ...): set `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`) in the pod's env,
 with credentials in `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` from a Secret; GCS uses the pod's workload identity
@@ -10,155 +15,134 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from finetune_contract.uris import pvc_local_path
 
-REMOTE_SCHEMES = ("s3", "gs", "https", "http")
+
+def _s3_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"endpoint_url": endpoint} if endpoint else {}
 
 
-def scheme(uri: str) -> str:
-    return urlsplit(uri).scheme if "://" in uri else ""
+# Per-scheme filesystem settings that come from the env; schemes without an entry take fsspec's defaults.
+_OPTIONS: dict[str, Callable[[], dict[str, Any]]] = {"s3": _s3_options}
 
 
-def local_path(uri: str) -> Path | None:
-    """The path on this machine for a local or pvc:// URI, None for remote storage."""
-    kind = scheme(uri)
-    if kind == "pvc":
-        return Path(pvc_local_path(uri))
-    if kind == "file":
-        return Path(urlsplit(uri).path)
-    if kind == "":
-        return Path(uri)
-    return None
+@dataclass(frozen=True)
+class Location:
+    """A URI resolved: the filesystem that holds it and the path on that filesystem."""
+
+    fs: Any  # fsspec.AbstractFileSystem
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def child(self, name: str) -> Location:
+        return Location(self.fs, f"{self.path.rstrip('/')}/{name.strip('/')}")
 
 
-def _storage_options(kind: str) -> dict[str, Any]:
-    if kind == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            return {"endpoint_url": endpoint}
-    return {}
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-def filesystem(uri: str) -> Any:
+def locate(uri: str) -> Location:
     import fsspec
 
-    kind = scheme(uri)
-    return fsspec.filesystem(kind, **_storage_options(kind))
-
-
-def _hf_repo(uri: str) -> str:
-    """hf://meta-llama/Llama-2-7b-hf -> meta-llama/Llama-2-7b-hf (the hub token comes from HF_TOKEN)."""
-    parts = urlsplit(uri)
-    return f"{parts.netloc}/{parts.path.strip('/')}".strip("/")
+    scheme = urlsplit(uri).scheme if "://" in uri else "file"
+    if scheme == "pvc":
+        return Location(fsspec.filesystem("file", auto_mkdir=True), pvc_local_path(uri))
+    if scheme == "file":
+        return Location(fsspec.filesystem("file", auto_mkdir=True), str(Path(urlsplit(uri).path or uri).resolve()))
+    fs = fsspec.filesystem(scheme, **_OPTIONS.get(scheme, dict)())
+    return Location(fs, fs._strip_protocol(uri))
 
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(part.strip("/") for part in parts)])
 
 
+@contextmanager
+def open_binary(uri: str) -> Iterator[IO[bytes]]:
+    """The file for streaming reads; FileNotFoundError when it is not there."""
+    where = locate(uri)
+    with where.fs.open(where.path, "rb") as handle:
+        yield handle
+
+
 def read_bytes(uri: str) -> bytes:
-    """The whole content of a file; FileNotFoundError when it is not there."""
-    path = local_path(uri)
-    if path is not None:
-        return path.read_bytes()
-    with filesystem(uri).open(uri, "rb") as handle:
-        data: bytes = handle.read()
+    where = locate(uri)
+    data: bytes = where.fs.cat_file(where.path)
     return data
 
 
 def exists(uri: str) -> bool:
-    path = local_path(uri)
-    if path is not None:
-        return path.exists()
-    return bool(filesystem(uri).exists(uri))
+    where = locate(uri)
+    return bool(where.fs.exists(where.path))
 
 
 def list_names(uri: str) -> list[str]:
     """Names directly under a directory URI (empty when it does not exist)."""
-    path = local_path(uri)
-    if path is not None:
-        return sorted(child.name for child in path.iterdir()) if path.is_dir() else []
-    fs = filesystem(uri)
+    where = locate(uri)
     try:
-        entries = fs.ls(uri, detail=False, refresh=True)
-    except FileNotFoundError:
+        entries = where.fs.ls(where.path, detail=False, refresh=True)
+    except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    path = local_path(uri)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return
-    with filesystem(uri).open(uri, "wb") as handle:
-        handle.write(data)
+    where = locate(uri)
+    where.fs.pipe_file(where.path, data)
+
+
+def delete(uri: str) -> None:
+    where = locate(uri)
+    where.fs.rm_file(where.path)
 
 
 def upload_dir(source: Path, uri: str) -> None:
     """Copy the files under `source` to the directory `uri` (created if needed)."""
-    path = local_path(uri)
-    if path is not None:
-        shutil.copytree(source, path, dirs_exist_ok=True)
-        return
-    fs = filesystem(uri)
+    where = locate(uri)
     for file in sorted(source.rglob("*")):
         if file.is_file():
-            fs.put_file(str(file), join(uri, file.relative_to(source).as_posix()))
+            where.fs.put_file(str(file), where.child(file.relative_to(source).as_posix()).path)
 
 
-def download_dir(uri: str, target: Path) -> Path:
-    """The directory `uri` as a local directory: itself when it is local, else a copy under `target`."""
-    path = local_path(uri)
-    if path is not None:
-        if not path.is_dir():
-            raise FileNotFoundError(f"{uri}: no such directory")
-        return path
-    if scheme(uri) == "hf":
-        from huggingface_hub import snapshot_download
+def download_dir(uri: str, target: Path, names: tuple[str, ...] | None = None) -> Path:
+    """The directory `uri` as a local directory: itself when it is local, else a copy in `target`.
 
-        return Path(snapshot_download(repo_id=_hf_repo(uri), local_dir=str(target)))
-    fs = filesystem(uri)
-    if not fs.isdir(uri):
+    With `names`, only those of its files that exist are copied.
+    """
+    where = locate(uri)
+    if not where.fs.isdir(where.path):
         raise FileNotFoundError(f"{uri}: no such directory")
-    target.mkdir(parents=True, exist_ok=True)
-    root = uri.rstrip("/")
-    for remote in fs.find(root):
-        relative = str(remote)[len(fs._strip_protocol(root)) :].lstrip("/")
+    if where.is_local:
+        return Path(where.path)
+    if names is None:
+        root = where.path.rstrip("/")
+        remotes = [(str(remote), str(remote)[len(root) :].lstrip("/")) for remote in where.fs.find(root)]
+    else:
+        remotes = [(where.child(name).path, name) for name in names if where.fs.exists(where.child(name).path)]
+    for remote, relative in remotes:
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(destination))
-    return target
-
-
-def download_tokenizer(uri: str, names: tuple[str, ...]) -> Path:
-    """A local directory with the tokenizer files of the weights at `uri` (the weights themselves stay put)."""
-    path = local_path(uri)
-    if path is not None:
-        return path
-    import tempfile
-
-    target = Path(tempfile.mkdtemp(prefix="tokenizer-"))
-    if scheme(uri) == "hf":
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=_hf_repo(uri), local_dir=str(target), allow_patterns=list(names)))
-    fs = filesystem(uri)
-    for name in names:
-        remote = join(uri, name)
-        if fs.exists(remote):
-            fs.get_file(remote, str(target / name))
+        where.fs.get_file(remote, str(destination))
     return target
 
 
 def download_once(uri: str, target: Path) -> Path:
     """Like download_dir, into `target` through a temporary name, so a half-done copy is never taken as done."""
-    if local_path(uri) is not None:
+    if locate(uri).is_local:
         return download_dir(uri, target)
     if target.is_dir():
         return target
@@ -167,6 +151,13 @@ def download_once(uri: str, target: Path) -> Path:
     download_dir(uri, partial)
     partial.rename(target)
     return target
+
+
+def download_files(uri: str, names: tuple[str, ...]) -> Path:
+    """A local directory with the files `names` of the directory `uri` (the tokenizer, without the weights)."""
+    where = locate(uri)
+    target = Path(where.path) if where.is_local else Path(tempfile.mkdtemp(prefix="files-"))
+    return download_dir(uri, target, names)
 
 
 def sha256_of(path: Path) -> str:

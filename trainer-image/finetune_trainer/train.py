@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,36 @@ from finetune_contract.inputs import TrainingInput
 from finetune_contract.protocol import OutputEvent, OutputFile
 from finetune_contract.trainer_config import TrainerConfig
 from finetune_trainer import storage
-from finetune_trainer.checkpoints import CheckpointCallback, fetch_checkpoint, latest_checkpoint
-from finetune_trainer.data import Split, load_split
-from finetune_trainer.errors import WEIGHTS_NOT_FOUND, UserError
+from finetune_trainer.checkpoints import CheckpointCallback, fetch_checkpoint, latest_checkpoint, run_fingerprint
+from finetune_trainer.data import StagedSplit, read_staged, write_staged
+from finetune_trainer.errors import (
+    DESTINATION_IN_USE,
+    DESTINATION_NOT_WRITABLE,
+    OUT_OF_MEMORY,
+    WEIGHTS_NOT_FOUND,
+    UserError,
+)
 from finetune_trainer.events import emit, local_rank, log, rank, world_size, write_termination_message
-from finetune_trainer.model import has_cuda, load_base_model, load_tokenizer, lora_config
+from finetune_trainer.memory import (
+    NO_CHECKPOINTING,
+    CheckpointingPlan,
+    ModelShape,
+    device_memory_bytes,
+    plan_checkpointing,
+)
+from finetune_trainer.model import (
+    check_chunk_size,
+    has_cuda,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    read_model_config,
+)
+from finetune_trainer.summary import packing_strategy
 
 METRICS_FILE = "metrics.json"
+# Written last, after every other output file: its presence means the output is complete (see _publish).
+MANIFEST_FILE = "manifest.json"
 # For tests and debugging: each rank writes its trainable (adapter) weights there at the end, so a test can check
 # that DDP kept every replica identical.
 RANK_WEIGHTS_DIR_ENV = "FINETUNE_TRAINER_RANK_WEIGHTS_DIR"
@@ -37,10 +62,17 @@ class TrainingRun:
     output: OutputEvent | None  # rank 0 only
 
 
-def sft_config(inputs: TrainingInput, plan: BatchPlan, output_dir: Path, validate: bool) -> Any:
+def sft_config(
+    inputs: TrainingInput,
+    plan: BatchPlan,
+    output_dir: Path,
+    validate: bool,
+    checkpointing: CheckpointingPlan | None = None,
+) -> Any:
     from trl.trainer.sft_config import SFTConfig
 
     cuda = has_cuda()
+    strategy = packing_strategy(inputs)
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=inputs.num_train_epochs,
@@ -52,13 +84,14 @@ def sft_config(inputs: TrainingInput, plan: BatchPlan, output_dir: Path, validat
         weight_decay=0.0,
         seed=inputs.seed,
         data_seed=inputs.seed,
-        # Sequences: truncated at chunk_size, or packed into chunk_size sequences. "bfd" packing is padding-free
-        # with per-example position ids, so no token attends across examples; "wrapped" cuts across examples into
+        # Sequences: truncated at chunk_size, or packed into chunk_size sequences. "bfd_split" packing is
+        # padding-free with per-example position ids and boundaries, so no token attends across examples, and
+        # splits a row longer than chunk_size rather than cutting it off; "wrapped" cuts across examples into
         # constant-length sequences (padded to chunk_size so every batch has the same shape).
         max_length=inputs.chunk_size,
-        packing=inputs.pack_sequences,
-        packing_strategy="wrapped" if inputs.wrap_packed_sequences else "bfd",
-        pad_to_multiple_of=inputs.chunk_size if inputs.wrap_packed_sequences else None,
+        packing=strategy is not None,
+        packing_strategy=strategy or "bfd",
+        pad_to_multiple_of=inputs.chunk_size if strategy == "wrapped" else None,
         eval_packing=False,
         completion_only_loss=None,  # prompt/completion rows: loss on the completion only; text rows: every token
         eval_strategy="epoch" if validate else "no",
@@ -70,8 +103,7 @@ def sft_config(inputs: TrainingInput, plan: BatchPlan, output_dir: Path, validat
         disable_tqdm=True,
         bf16=cuda,
         use_cpu=not cuda,
-        activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **(checkpointing or NO_CHECKPOINTING).sft_config(),
         ddp_backend=("nccl" if cuda else "gloo") if world_size() > 1 else None,
         ddp_find_unused_parameters=False,
         dataloader_drop_last=False,
@@ -80,19 +112,27 @@ def sft_config(inputs: TrainingInput, plan: BatchPlan, output_dir: Path, validat
 
 
 def build_trainer(
-    inputs: TrainingInput, split: Split, model: Any, tokenizer: Any, *, output_dir: Path, callbacks: list[Any]
+    inputs: TrainingInput,
+    train: Any,
+    validation: Any | None,
+    model: Any,
+    tokenizer: Any,
+    *,
+    output_dir: Path,
+    callbacks: list[Any],
+    checkpointing: CheckpointingPlan | None = None,
 ) -> Any:
-    from datasets import Dataset
+    """An SFTTrainer over `train` and `validation` (datasets.Dataset, rows as in the data files)."""
     from transformers import PrinterCallback
     from trl.trainer.sft_trainer import SFTTrainer
 
     plan = plan_batches(inputs.train_batch_size, inputs.micro_batch_size, world_size())
-    validate = bool(split.validation) and inputs.run_validation
+    validate = validation is not None and len(validation) > 0 and inputs.run_validation
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(inputs, plan, output_dir, validate),
-        train_dataset=Dataset.from_list(split.train),
-        eval_dataset=Dataset.from_list(split.validation) if validate else None,
+        args=sft_config(inputs, plan, output_dir, validate, checkpointing),
+        train_dataset=train,
+        eval_dataset=validation if validate else None,
         processing_class=tokenizer,
         peft_config=lora_config(inputs),
         callbacks=callbacks,
@@ -108,36 +148,125 @@ def fetch_weights(uri: str, workdir: Path) -> Path:
         raise UserError(WEIGHTS_NOT_FOUND, f"base weights not found at {uri}") from error
 
 
+def probe_destination(uri: str, run_uid: str = "") -> None:
+    """Write and delete a small file at the destination, so a destination that cannot take the output fails now,
+    before the model loads, rather than after the first epoch; and refuse one that holds another run's output."""
+    manifest_uri = storage.join(uri, MANIFEST_FILE)
+    if run_uid and storage.exists(manifest_uri):
+        try:
+            owner = json.loads(storage.read_bytes(manifest_uri)).get("run")
+        except ValueError:
+            owner = None
+        if owner and owner != run_uid:
+            raise UserError(
+                DESTINATION_IN_USE,
+                f"destination {uri} holds the output of another run ({owner}); choose another spec.destination",
+            )
+    probe = storage.join(uri, f".write-probe-{os.getpid()}")
+    try:
+        storage.write_bytes(probe, b"finetune-trainer write probe\n")
+        storage.delete(probe)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            DESTINATION_NOT_WRITABLE, f"destination {uri} cannot be written: {type(error).__name__}: {error}"
+        ) from error
+
+
+@contextmanager
+def out_of_memory_is_user_error(inputs: TrainingInput, plan: BatchPlan) -> Iterator[None]:
+    """A device out of memory fails the same way on every retry: a user error that says which input to lower."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise UserError(
+            OUT_OF_MEMORY,
+            f"the GPU ran out of memory at {plan.per_device_batch_size} sequences of up to {inputs.chunk_size} "
+            "tokens per device: lower micro_batch_size or chunk_size"
+            + (", or use peft_method: qlora" if inputs.peft_method == "lora" else ""),
+        ) from error
+
+
+def stage_data(inputs: TrainingInput, workdir: Path) -> StagedSplit:
+    """This node's copy of the checked data, made once (by the launcher, or the first local process)."""
+    directory = workdir / "data"
+    staged = read_staged(directory)
+    return staged if staged is not None else write_staged(inputs, directory)
+
+
+def datasets_of(staged: StagedSplit, cache: Path) -> tuple[Any, Any | None]:
+    """The staged files as Arrow datasets cached under `cache`: the first process of a node tokenizes and packs
+    (TRL prepares datasets local-main-first), the others load its cached results."""
+    from datasets import Dataset
+
+    train = Dataset.from_json(str(staged.train), cache_dir=str(cache))
+    validation = (
+        Dataset.from_json(str(staged.validation), cache_dir=str(cache)) if staged.validation is not None else None
+    )
+    return train, validation
+
+
 def run(config: TrainerConfig, workdir: Path) -> TrainingRun:
+    inputs = config.input
+    plan = plan_batches(inputs.train_batch_size, inputs.micro_batch_size, world_size())
+    with out_of_memory_is_user_error(inputs, plan):
+        return _run(config, workdir, plan)
+
+
+def _run(config: TrainerConfig, workdir: Path, plan: BatchPlan) -> TrainingRun:
     from transformers import set_seed
 
     inputs = config.input
-    split = load_split(inputs)  # every row checked before any model is loaded
-    plan = plan_batches(inputs.train_batch_size, inputs.micro_batch_size, world_size())
     output_dir = workdir / "trainer"
     args_probe = sft_config(inputs, plan, output_dir, validate=False)  # sets up torch.distributed
-    with args_probe.main_process_first(local=True, desc="fetching base weights"):
+    with args_probe.main_process_first(local=True, desc="staging the data and fetching the base weights"):
+        staged = stage_data(inputs, workdir)  # every row checked before any model is loaded
         weights = fetch_weights(config.weights, workdir)
+        train_data, validation_data = datasets_of(staged, workdir / "datasets")
+    model_config = read_model_config(weights)
+    check_chunk_size(inputs, model_config)
+    checkpointing = plan_checkpointing(
+        ModelShape.of(model_config),
+        device_bytes=device_memory_bytes(f"cuda:{local_rank()}" if has_cuda() else "cpu"),
+        micro_batch=plan.per_device_batch_size,
+        chunk_size=inputs.chunk_size,
+        quantized=inputs.peft_method == "qlora",
+        lora_rank=inputs.lora_rank,
+        choice=config.activation_checkpointing,
+    )
+    log(f"memory plan: {checkpointing.describe()}")
     tokenizer = load_tokenizer(weights)
     set_seed(inputs.seed)
     model = load_base_model(weights, inputs, local_rank())
 
     from finetune_trainer.callbacks import ProgressCallback, SampleCallback
 
-    validate = bool(split.validation) and inputs.run_validation
-    callbacks: list[Any] = [CheckpointCallback(config.destination)]
+    validate = staged.validation_rows > 0 and inputs.run_validation
+    digests = [storage.sha256_of(path) for path in (staged.train, staged.validation) if path is not None]
+    fingerprint = run_fingerprint(config, digests)
+    callbacks: list[Any] = [CheckpointCallback(config.destination, fingerprint, config.checkpoint_every_minutes)]
     if inputs.validation_prompt:
         callbacks.append(SampleCallback(inputs.validation_prompt, with_validation=validate))
-    trainer = build_trainer(inputs, split, model, tokenizer, output_dir=output_dir, callbacks=callbacks)
+    trainer = build_trainer(
+        inputs,
+        train_data,
+        validation_data,
+        model,
+        tokenizer,
+        output_dir=output_dir,
+        callbacks=callbacks,
+        checkpointing=checkpointing,
+    )
     trainer.add_callback(ProgressCallback(plan.world_size))
 
     resume: str | None = None
-    latest = latest_checkpoint(config.destination)
+    latest = latest_checkpoint(config.destination, fingerprint)
     if latest is not None:
-        epoch, uri = latest
+        step, uri = latest
         with args_probe.main_process_first(local=True, desc="fetching the checkpoint"):
             resume = str(fetch_checkpoint(uri, workdir))
-        log(f"resuming from the epoch {epoch} checkpoint at {uri}")
+        log(f"resuming from the step {step} checkpoint at {uri}")
     result = trainer.train(resume_from_checkpoint=resume)
 
     _write_rank_weights(trainer)
@@ -173,12 +302,20 @@ def _publish(trainer: Any, config: TrainerConfig, workdir: Path, training_loss: 
     (output / "training_args.bin").unlink(missing_ok=True)
     metrics = final_metrics(trainer, training_loss)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    storage.upload_dir(output, config.destination)
     files = [
         OutputFile(path=file.relative_to(output).as_posix(), size=file.stat().st_size, sha256=storage.sha256_of(file))
         for file in sorted(output.rglob("*"))
         if file.is_file()
     ]
+    storage.upload_dir(output, config.destination)
+    # The manifest goes last: a reader that finds it finds every file it names, with their sizes and digests.
+    manifest = {
+        "run": config.run_uid,
+        "job": config.job,
+        "files": [file.model_dump() for file in files],
+        "metrics": metrics,
+    }
+    storage.write_bytes(storage.join(config.destination, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     event = OutputEvent(weights=config.destination, files=files, metrics=metrics)
     log(f"adapter, tokenizer and metrics written to {config.destination}")
     emit(event)
