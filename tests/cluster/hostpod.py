@@ -1,10 +1,11 @@
 """A pod's container as a host process: its files, environment and command line (what executor.py runs).
 
 There are no images and no isolation. The command runs in the executor's own Python environment, which stands in
-for the trainer image: the ENV, WORKDIR, ENTRYPOINT and CMD of trainer-image/Dockerfile apply. Each volume is a
-directory under the pod's directory (a PersistentVolumeClaim is the host path of its bound hostPath volume), and
-the container paths are mapped there: every absolute path under a mount that appears in the command, its arguments
-or an env value is rewritten to the host path, and so are the working directory and the termination-message path.
+for the trainer image: the ENV (but PATH), WORKDIR, ENTRYPOINT and CMD of trainer-image/Dockerfile apply. Each
+volume is a directory under the pod's directory (a PersistentVolumeClaim is the host path of its bound hostPath
+volume), and the container paths are mapped there: every absolute path under a mount that appears in the command,
+its arguments or an env value is rewritten to the host path, and so are the working directory and the
+termination-message path.
 The DNS name of a pod behind a headless Service (`<hostname>.<service>[.<namespace>.svc.cluster.local]`) given
 as a whole env value or argument becomes 127.0.0.1: every executor pod shares the host's loopback.
 
@@ -415,7 +416,8 @@ def _environment(
 ) -> dict[str, str]:
     """The image's env, then envFrom, then env (each `$(VAR)`-expanded against what came before), as a kubelet
     resolves them."""
-    env = dict(image.env)
+    # The image's PATH names directories of the image's file system; the executor's own PATH stands in for it.
+    env = {name: value for name, value in image.env.items() if name != "PATH"}
     for source in container.get("envFrom") or []:
         prefix = source.get("prefix") or ""
         if "configMapRef" in source:

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,10 +187,19 @@ def test_killed_trainer_is_retried_and_resumes_from_its_last_checkpoint(
         timeout=TRAINING_TIMEOUT,
         description="the trainer process to start",
     )
-    uid = cluster.get(name)["metadata"]["uid"]
-    checkpoints = f"{OUTPUT_BUCKET}/{cluster.namespace}/{name}/{uid}/checkpoints"
+    job = cluster.get(name)
+    total_steps = demo_spec()["input"]["num_train_epochs"] * job["status"]["resolved"]["stepsPerEpoch"]
+    checkpoints = f"{OUTPUT_BUCKET}/{cluster.namespace}/{name}/{job['metadata']['uid']}/checkpoints"
     filesystem = store.s3.filesystem()
-    epochs = demo_spec()["input"]["num_train_epochs"]
+
+    def complete_checkpoints() -> list[int]:
+        filesystem.invalidate_cache()
+        try:
+            names = filesystem.ls(checkpoints, detail=False)
+        except FileNotFoundError:
+            return []
+        steps = sorted(int(match.group(1)) for entry in names if (match := re.search(r"/step-(\d+)$", entry)))
+        return [step for step in steps if filesystem.exists(f"{checkpoints}/step-{step}/COMPLETE")]
 
     def kill_between_checkpoints() -> int | None:
         """kill -9 once a checkpoint is complete and training is not; the process is frozen while the test looks,
@@ -199,9 +209,8 @@ def test_killed_trainer_is_retried_and_resumes_from_its_last_checkpoint(
         except ProcessLookupError:
             raise AssertionError("the trainer ended before the test could kill it after a checkpoint") from None
         try:
-            filesystem.invalidate_cache()
-            complete = [e for e in range(1, epochs + 1) if filesystem.exists(f"{checkpoints}/epoch-{e}/COMPLETE")]
-            if complete and complete[-1] < epochs:
+            complete = complete_checkpoints()
+            if complete and complete[-1] < total_steps:
                 os.kill(pid, signal.SIGKILL)
                 return complete[-1]
             return None
@@ -220,13 +229,10 @@ def test_killed_trainer_is_retried_and_resumes_from_its_last_checkpoint(
     assert "TrainerRestarted" in cluster.event_reasons(name)
     retry = cluster.wait_pod(name, "training", phase="Succeeded", exclude=frozenset({first}))
     log = read_pod_log(cluster.api, cluster.namespace, retry)
-    assert f"resuming from the epoch {last_checkpoint} checkpoint at s3://{checkpoints}/epoch-{last_checkpoint}" in log
-    events = [parse_line(line) for line in log.splitlines()]
-    start = next(event for event in events if isinstance(event, StartEvent))
-    steps = [event.step for event in events if isinstance(event, ProgressEvent)]
-    steps_per_epoch = done["resolved"]["stepsPerEpoch"]
-    assert steps == list(range(last_checkpoint * steps_per_epoch + 1, start.total_steps + 1))
-    assert done["progress"]["step"] == start.total_steps
+    assert f"resuming from the step {last_checkpoint} checkpoint at s3://{checkpoints}/step-{last_checkpoint}" in log
+    steps = [event.step for event in map(parse_line, log.splitlines()) if isinstance(event, ProgressEvent)]
+    assert steps == list(range(last_checkpoint + 1, total_steps + 1))
+    assert done["progress"]["step"] == total_steps
 
 
 def test_two_pods_train_one_model_with_ranks_zero_and_one_over_gloo(

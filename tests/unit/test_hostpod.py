@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,8 @@ def test_operator_trainer_pod_runs_the_trainer_with_its_container_paths_under_th
     assert env["FINETUNE_TERMINATION_LOG"] == str(process.termination_log)
     assert (env["NODE_RANK"], env["NPROC_PER_NODE"], env["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert (env["HOSTNAME"], env["PYTHONPATH"]) == ("tiny-train-0", "/src")
+    # The image's PATH (/opt/venv/bin) is the image's; the executor's Python environment stands in for it.
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert process.cwd == volumes / "workspace"
     assert process.fallback_to_logs
 
