@@ -9,7 +9,8 @@ DEVCLUSTER := tests/cluster/devcluster.py
 	bench-trainer bench-gpu trainer-lock trainer-image-check tmux krew-archive
 
 help:
-	@echo "make demo          bring up the local cluster and run a FineTuneJob on simulated A40 nodes"
+	@echo "make demo          bring up the local cluster and fine-tune a tiny Llama for real on it"
+	@echo "                   (make demo DEMO_FLAGS=--replay: a recorded run on simulated A40 nodes)"
 	@echo "make test          lint, unit, trainer and integration tests"
 	@echo "make lint          ruff, mypy and the import contract"
 	@echo "make crds          regenerate crds/ from the pydantic models"
@@ -73,8 +74,9 @@ cluster-up: cluster-binaries
 cluster-down: venv
 	$(PY) $(DEVCLUSTER) down
 
+# DEMO_FLAGS=--replay plays a recorded trainer run on the simulated A40 nodes instead of training for real.
 demo: cluster-up
-	$(PY) tests/cluster/demo.py
+	$(PY) tests/cluster/demo.py $(DEMO_FLAGS)
 
 # The archive of plugins/krew/ftj.yaml (kubectl ftj through krew), for a release.
 krew-archive:

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kwokpods import WaitTimeout, wait_for
 from testcluster import free_port
@@ -50,3 +52,36 @@ def s3_server(timeout: float = 30.0) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running test server: its endpoint, and what a client on this machine needs to reach it."""
+
+    endpoint: str
+
+    def env(self) -> dict[str, str]:
+        """The AWS SDKs' and s3fs' variables for a process that uses the server."""
+        return {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": self.endpoint}
+
+    def filesystem(self) -> Any:
+        """An s3fs filesystem on the server (paths are `bucket/key`, without `s3://`)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint,
+            key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+        )
+
+
+@contextmanager
+def running_s3_server(*buckets: str) -> Iterator[S3Server]:
+    """`s3_server` with `buckets` created in it."""
+    with s3_server() as endpoint:
+        server = S3Server(endpoint)
+        filesystem = server.filesystem()
+        for bucket in buckets:
+            filesystem.mkdir(bucket)
+        yield server

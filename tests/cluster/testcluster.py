@@ -40,11 +40,16 @@ class DevCluster:
     # kwok serves pod logs from files; tests write them under here
     pod_log_dir: Path
     kubectl: Path
+    # the executor's per-pod directories (executor.pod_process_id finds a pod's process there)
+    executor_dir: Path
 
-    def kubectl_run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run kubectl against the cluster; raises CalledProcessError on failure."""
+    def kubectl_run(
+        self, *args: str, timeout: float = 60, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against the cluster (with `stdin` as its input); raises CalledProcessError on failure."""
         return subprocess.run(
             [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
             capture_output=True,
             text=True,
             check=True,
@@ -102,6 +107,7 @@ def running_cluster(*, stop_if_started: bool = True) -> Iterator[DevCluster]:
             api=api,
             pod_log_dir=layout.pod_logs,
             kubectl=Path(state.binaries["kubectl"]),
+            executor_dir=layout.executor,
         )
     finally:
         closing: Any = api

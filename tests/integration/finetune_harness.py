@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 from helmchart import render_chart
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from kwokpods import PodLogs, terminate_pod, wait_for
 from testcluster import DevCluster, free_port, new_api_client
@@ -206,14 +207,21 @@ class OperatorProcess:
 class Cluster:
     """What a test does to and reads from the cluster, in the words of a FineTuneJob user."""
 
-    def __init__(self, devcluster: DevCluster, namespace: str, logs: PodLogs) -> None:
+    def __init__(self, devcluster: DevCluster, namespace: str, logs: PodLogs | None = None) -> None:
         self.devcluster = devcluster
         self.namespace = namespace
-        self.logs = logs
+        self._logs = logs
         self.api = devcluster.api
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+
+    @property
+    def logs(self) -> PodLogs:
+        """The log file of every pod of the namespace, where a test writes what its simulated trainer prints."""
+        if self._logs is None:
+            raise AssertionError("this namespace's pods write their own logs (executor nodes)")
+        return self._logs
 
     def apply_example(self, file_name: str, name: str | None = None, **spec_changes: Any) -> str:
         manifest = yaml.safe_load((EXAMPLES / file_name).read_text())
@@ -336,6 +344,73 @@ class Cluster:
         return list(
             self.batch.list_namespaced_job(self.namespace, label_selector=f"finetune.dev/job-name={name}").items
         )
+
+
+class StatusHistory:
+    """Every status of one FineTuneJob in the order the API server stored them, from a watch that starts before
+    the job exists (use it as a context manager around the job's life)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, name: str) -> None:
+        self._custom: Any = client.CustomObjectsApi(api)
+        self._watch = watch.Watch()
+        self._statuses: list[dict[str, Any]] = []
+        self._stopped = threading.Event()
+        listed = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        self._thread = threading.Thread(
+            target=self._record,
+            args=(namespace, name, listed["metadata"]["resourceVersion"]),
+            name=f"status-history-{name}",
+            daemon=True,
+        )
+
+    def __enter__(self) -> StatusHistory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stopped.set()
+        self._watch.stop()
+
+    def _record(self, namespace: str, name: str, resource_version: str) -> None:
+        events: Iterator[dict[str, Any]] = self._watch.stream(
+            self._custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            resource_version=resource_version,
+            timeout_seconds=900,
+        )
+        try:
+            for event in events:
+                status = event["object"].get("status")
+                if status:
+                    self._statuses.append(status)
+        except Exception:
+            if not self._stopped.is_set():  # after the test, a stream cut off with its namespace is expected
+                raise
+
+    @property
+    def statuses(self) -> list[dict[str, Any]]:
+        return list(self._statuses)
+
+    def phases(self) -> list[str]:
+        """The phases in the order they came, each once per visit."""
+        phases: list[str] = []
+        for status in self._statuses:
+            if status.get("phase") and (not phases or phases[-1] != status["phase"]):
+                phases.append(status["phase"])
+        return phases
+
+    def steps(self) -> list[int]:
+        """The progress steps in the order they came, each once."""
+        steps: list[int] = []
+        for status in self._statuses:
+            step = (status.get("progress") or {}).get("step")
+            if step is not None and (not steps or steps[-1] != step):
+                steps.append(step)
+        return steps
 
 
 def install_crd(api: client.ApiClient) -> None:

@@ -98,10 +98,10 @@ BAD_SPECS = [
     ),
     ("unknown-input", with_input(epochs=3), "spec.input.epochs", "unknown field"),
     (
-        "zero-gpus-per-node",
-        {**with_input(), "resources": {"gpusPerNode": 0}},
+        "negative-gpus-per-node",
+        {**with_input(), "resources": {"gpusPerNode": -1}},
         "spec.resources.gpusPerNode",
-        "greater than or equal to 1",
+        "greater than or equal to 0",
     ),
     (
         "zero-nodes",

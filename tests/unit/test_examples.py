@@ -83,3 +83,16 @@ def test_the_recorded_demo_run_still_parses_with_the_protocol() -> None:
     assert (patch["progress"]["step"], patch["progress"]["percent"]) == (start.total_steps, 100)
     assert len(patch["lossHistory"]["train"]) == start.total_steps
     assert len(patch["lossHistory"]["eval"]) == start.epochs
+
+
+def test_demo_job_trains_on_the_cpu_of_an_executor_node_with_credentials_by_reference() -> None:
+    document = load(Path(__file__).parents[2] / "examples" / "demo" / "finetunejob.yaml")
+    assert (document["apiVersion"], document["kind"]) == (API_VERSION, KIND)
+    spec = FineTuneJobSpec.model_validate(document["spec"])
+    assert (spec.resources.gpus_per_node, spec.resources.node_selector) == (
+        0,
+        {"devcluster.finetune.dev/executor": "true"},
+    )
+    assert [toleration.key for toleration in spec.resources.tolerations] == ["devcluster.finetune.dev/executor"]
+    assert [source.secret_ref.name for source in spec.env_from if source.secret_ref] == ["local-s3-credentials"]
+    assert all(variable.name != "AWS_SECRET_ACCESS_KEY" for variable in spec.env)

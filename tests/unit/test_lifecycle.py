@@ -154,6 +154,13 @@ def test_default_batch_on_eight_gpus_is_rounded_up_to_eight_with_a_warning() -> 
     assert "= 8" in warnings[0].message
 
 
+def test_cpu_shape_counts_one_process_per_pod_in_the_world_size() -> None:
+    decision = decide(observe(spec=make_spec(resources={"gpusPerNode": 0, "nodes": 2})))
+    resolved = decision.status.resolved
+    assert resolved is not None
+    assert (resolved.world_size, resolved.per_device_batch_size, resolved.gradient_accumulation_steps) == (2, 2, 1)
+
+
 def test_bad_training_data_fails_with_the_line_number_and_no_gpu_job() -> None:
     error = ErrorEvent(reason="InvalidTrainingData", message='train_data line 17: missing "completion"')
     failed_pod = pod("demo-validate-x", phase="Failed", state=terminated(65, encode(error)))

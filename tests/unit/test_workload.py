@@ -236,6 +236,50 @@ def test_spec_placement_is_added_to_the_gpu_defaults() -> None:
     assert env_of(trainer(job))["OMP_NUM_THREADS"] == "8"
 
 
+def test_cpu_shape_requests_no_gpu_and_runs_one_process_per_pod() -> None:
+    spec = make_spec(resources={"gpusPerNode": 0, "cpu": "4", "memory": "16Gi"})
+    job = build_train_job(run_of(spec))
+    amounts = {"cpu": "4", "memory": "16Gi"}
+    assert trainer(job)["resources"] == {"requests": amounts, "limits": amounts}
+    assert not {"nodeSelector", "affinity"} & set(pod_spec(job))
+    assert pod_spec(job)["tolerations"] == LOST_NODE_TOLERATIONS  # and no GPU toleration
+    env = env_of(trainer(job))
+    assert (env["NNODES"], env["NPROC_PER_NODE"], env["OMP_NUM_THREADS"]) == ("1", "1", "4")
+    config = run_of(spec).trainer_config
+    assert (config.gpus_per_node, config.world_size) == (0, 1)
+
+
+def test_cpu_shape_runs_validation_and_training_where_the_spec_places_them() -> None:
+    node_selector = {"pool": "cpu"}
+    tolerations = [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    spec = make_spec(resources={"gpusPerNode": 0, "nodeSelector": node_selector, "tolerations": tolerations})
+    validation, training = build_validation_job(run_of(spec)), build_train_job(run_of(spec))
+    assert (pod_spec(validation)["nodeSelector"], pod_spec(validation)["tolerations"]) == (node_selector, tolerations)
+    assert pod_spec(training)["nodeSelector"] == node_selector
+    assert pod_spec(training)["tolerations"] == LOST_NODE_TOLERATIONS + tolerations
+    for job in (validation, training):
+        assert "nvidia.com/gpu" not in trainer(job)["resources"]["limits"]
+
+
+def test_cpu_pods_of_a_multi_node_job_prefer_a_node_each() -> None:
+    job = build_train_job(run_of(make_spec(resources={"gpusPerNode": 0, "nodes": 2})))
+    assert pod_spec(job)["affinity"] == {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": component_selector(OWNER.name, Component.TRAINING)},
+                        "topologyKey": "kubernetes.io/hostname",
+                    },
+                }
+            ]
+        }
+    }
+    assert env_of(trainer(job))["NPROC_PER_NODE"] == "1"
+    assert "affinity" not in pod_spec(build_train_job(run_of(make_spec(resources={"nodes": 2}))))
+
+
 @pytest.mark.parametrize("build", ["validation", "training"])
 def test_trainer_pods_run_restricted(build: str) -> None:
     job = build_validation_job(run_of(make_spec())) if build == "validation" else build_train_job(run_of(make_spec()))

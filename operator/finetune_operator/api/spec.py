@@ -80,14 +80,25 @@ class Toleration(KubeModel):
 class Resources(KubeModel):
     model_config = ConfigDict(json_schema_extra=_immutable("spec.resources"))
 
-    gpus_per_node: int = Field(8, ge=1, le=64, description="GPUs per trainer pod (nvidia.com/gpu).")
+    gpus_per_node: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="GPUs per trainer pod (nvidia.com/gpu). 0 runs the trainer on the CPU: no GPU is requested, "
+        "and each pod runs one process.",
+    )
     gpu_product: str = Field(
         DEFAULT_GPU_PRODUCT,
         min_length=1,
         max_length=LABEL_VALUE_LENGTH,
         description="Node label nvidia.com/gpu.product to schedule on.",
     )
-    nodes: int = Field(1, ge=1, le=64, description="Trainer pods (one per node); world size = nodes x gpusPerNode.")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Trainer pods (one per node); world size = nodes x gpusPerNode (x 1 process on the CPU).",
+    )
     cpu: Quantity = Field("32", description="CPU request and limit per trainer pod.")
     memory: Quantity = Field("192Gi", description="Memory request and limit per trainer pod.")
     shared_memory: Quantity = Field("32Gi", description="Size of /dev/shm (NCCL and data loaders need it).")
@@ -98,6 +109,11 @@ class Resources(KubeModel):
     priority_class_name: str | None = Field(
         None, max_length=DNS_NAME_LENGTH, description="PriorityClass of the trainer pods (who is preempted first)."
     )
+
+    @property
+    def processes_per_node(self) -> int:
+        """Trainer processes in each pod: one per GPU, or one on the CPU (gpusPerNode 0)."""
+        return max(1, self.gpus_per_node)
 
 
 class LocalObjectReference(KubeModel):
