@@ -105,7 +105,7 @@ def test_minimal_example_runs_to_success_with_progress_and_weights(cluster: Clus
 def test_a_burst_of_progress_beyond_the_parsing_budget_is_coalesced_to_its_newest_event(
     cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
-    # A budget that never fills: every progress event waits, and only the newest is read, before the next other event.
+    # A budget that never fills: every progress event waits, and only the newest one waiting is ever read.
     operator = OperatorProcess(
         namespace,
         cluster.devcluster.kubeconfig,
@@ -120,11 +120,16 @@ def test_a_burst_of_progress_beyond_the_parsing_budget_is_coalesced_to_its_newes
         cluster.logs.write(*trainer_log_lines(30))
         status = cluster.wait_status(name, lambda s: bool(s.get("validationSamples")), "the sample after the burst")
         assert status["progress"]["step"] == 30
-        assert [point["step"] for point in status["lossHistory"]["train"]] == [30]
+        # A held progress event is read when a status patch goes out (one a second here) or before another event:
+        # a few of the 30, always the newest, in order.
+        steps = [point["step"] for point in status["lossHistory"]["train"]]
+        assert steps[-1] == 30
+        assert steps == sorted(set(steps))
+        assert len(steps) < 30
         events_read = re.search(r"^finetune_trainer_events_total (\S+)$", operator.metrics(), re.MULTILINE)
         assert events_read is not None
-        # start, then of 30 progress events only the newest, then eval and sample: the others are always read.
-        assert float(events_read.group(1)) == 4
+        # start, eval and sample are always read; of the 30 progress events only as many as there are points.
+        assert float(events_read.group(1)) == 3 + len(steps)
     finally:
         operator.stop()
 
