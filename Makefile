@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEVCLUSTER := tests/cluster/devcluster.py
 
 .PHONY: help venv lint unit integration trainer-tests test crds cluster-binaries cluster-up cluster-down demo \
-	bench-trainer bench-gpu trainer-lock trainer-image-check tmux krew-archive
+	bench-trainer bench-gpu trainer-lock trainer-image-check tmux krew-archive bench-operator chaos
 
 help:
 	@echo "make demo          bring up the local cluster and fine-tune a tiny Llama for real on it"
@@ -20,6 +20,8 @@ help:
 	@echo "make bench-gpu     the same, Llama-2-7B-shaped on one CUDA GPU; figures in bench-gpu.json"
 	@echo "make trainer-lock  re-pin the trainer image's dependencies with hashes (trainer-image/requirements.lock)"
 	@echo "make trainer-image-check  hadolint, and the image's venv built from the lock runs the entrypoint"
+	@echo "make bench-operator the operator's cost per FineTuneJob against bare Jobs (N=100,300,1000; BENCH_ARGS=...)"
+	@echo "make chaos         200 FineTuneJobs through operator kills, API server and etcd restarts, evictions (CHAOS_ARGS=...)"
 
 # The virtual environment is rebuilt whenever a pyproject.toml changes. It holds the three distributions: the
 # contract, the operator (with the dev tools) and the trainer (for its CPU tests).
@@ -51,8 +53,9 @@ unit: venv cluster-binaries
 trainer-tests: venv
 	$(VENV)/bin/pytest -q tests/trainer
 
+# The API server writes its audit log: the operator benchmark's small form counts the operator's requests from it.
 integration: venv cluster-binaries tmux
-	$(VENV)/bin/pytest -q tests/integration
+	DEVCLUSTER_AUDIT=1 $(VENV)/bin/pytest -q tests/integration
 
 # `kubectl ftj watch` is tested in a real terminal: tmux, from the distribution's packages when it is missing.
 tmux:
@@ -108,3 +111,11 @@ trainer-image-check: venv
 	"$$scratch/venv/bin/pip" install --quiet --no-deps --no-build-isolation ./contract ./trainer-image; \
 	"$$scratch/venv/bin/pip" check; \
 	"$$scratch/venv/bin/finetune-trainer" --help
+
+BENCH_ARGS ?=
+bench-operator: cluster-binaries
+	$(PY) tests/cluster/bench_operator.py $(BENCH_ARGS)
+
+CHAOS_ARGS ?=
+chaos: cluster-binaries
+	$(PY) tests/cluster/chaos.py $(CHAOS_ARGS)

@@ -39,7 +39,7 @@ from localtraining import (
     storage_access,
 )
 from s3server import running_s3_server
-from testcluster import DevCluster, running_cluster
+from testcluster import DevCluster, install_crds, running_cluster
 
 from finetune_contract.protocol import OutputEvent, parse_line, termination_message
 from finetune_operator.api import GROUP, PLURAL, VERSION
@@ -173,8 +173,7 @@ def wait_for_pod(core: Any, name: str, component: str) -> str:
 def prepare(cluster: DevCluster, core: Any, node_columns: tuple[str, ...]) -> None:
     say(f"Cluster nodes ({cluster.server})")
     print(cluster.kubectl_run("get", "nodes", *node_columns).stdout)
-    cluster.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl_run("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev")
+    install_crds(cluster)
     fresh_namespace(core)
 
 

@@ -6,6 +6,12 @@
     devcluster.py up       start the cluster, or reuse a healthy one; leaves .devcluster/kubeconfig
     devcluster.py down     stop every process that `up` started and wait until their ports are free
     devcluster.py status   say whether the cluster is up and healthy (exit status 0 when it is)
+    devcluster.py restart COMPONENT
+                           stop one component (etcd, kube-apiserver, ...) and start it again with the same command
+                           line, ports and data; wait until it is healthy
+
+`up --audit` (or DEVCLUSTER_AUDIT=1) also writes the API server's audit log (.devcluster/logs/audit.log, the policy in
+AUDIT_POLICY); a healthy cluster without it gets its API server restarted with it, on the same port.
 
 Simulated nodes and pods come from kwok with the stages in kwok-stages.yaml; the pods of the executor nodes
 really run, as host processes, under executor.py. See README.md next to this file.
@@ -58,6 +64,10 @@ BINARY_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-
 COMPONENTS_IN_START_ORDER = (*BINARY_COMPONENTS, "executor")
 EXECUTOR_LABEL = "devcluster.finetune.dev/executor"
 EXECUTOR_READY_FILE = "ready"
+# kwok renews each simulated node's Lease in kube-node-lease as a kubelet does (every duration / 4), and plays a
+# node's stages, and those of the pods on it, only while it holds that Lease: a Lease taken by another holder is a
+# node whose kubelet stopped (kwokpods.stop_node_heartbeat).
+NODE_LEASE_SECONDS = 40
 
 
 def log(message: str) -> None:
@@ -289,6 +299,9 @@ class State:
     ports: dict[str, int]
     pids: dict[str, int] = field(default_factory=dict)
     binaries: dict[str, str] = field(default_factory=dict)
+    # the command line each component was started with, so that `restart` starts it again as it was
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    audit: bool = False
     started_at: float = 0.0
 
     @property
@@ -322,6 +335,8 @@ class Layout:
         self.kubeconfig = root / "kubeconfig"
         self.pod_logs = root / "pod-logs"
         self.executor = root / "executor"
+        self.audit_policy = root / "audit-policy.yaml"
+        self.audit_log = self.logs / "audit.log"
 
     def component_kubeconfig(self, component: str) -> Path:
         return self.root / f"{component}.kubeconfig"
@@ -481,6 +496,14 @@ def _start(layout: Layout, name: str, argv: list[str]) -> int:
     return process.pid
 
 
+def _launch(layout: Layout, state: State, name: str, argv: list[str]) -> int:
+    """Start a component and remember its pid and command line in the state file."""
+    state.pids[name] = _start(layout, name, argv)
+    state.commands[name] = argv
+    state.save(layout.state)
+    return state.pids[name]
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -554,7 +577,8 @@ def _host_memory() -> str:
     raise DevClusterError("no MemTotal in /proc/meminfo")
 
 
-def _node(name: str, cpu: str, memory: str, gpus: int, executor: bool = False) -> dict[str, Any]:
+def node_manifest(name: str, cpu: str, memory: str, gpus: int, executor: bool = False) -> dict[str, Any]:
+    """A simulated node that kwok manages; with `gpus`, an A40 node (labels, capacity, taint) as on a GPU cluster."""
     resources: dict[str, str] = {"cpu": cpu, "memory": memory, "pods": "110", "ephemeral-storage": "1Ti"}
     labels = {
         "kubernetes.io/hostname": name,
@@ -585,12 +609,22 @@ def _node(name: str, cpu: str, memory: str, gpus: int, executor: bool = False) -
     }
 
 
+def gpu_node_manifest(name: str) -> dict[str, Any]:
+    """A node of 8 A40s, 64 CPUs and 512Gi, like gpu-node-0."""
+    return node_manifest(name, "64", "512Gi", 8)
+
+
+def cpu_node_manifest(name: str) -> dict[str, Any]:
+    """A CPU node (16 CPUs, 64Gi, no taint), like cpu-node-0."""
+    return node_manifest(name, "16", "64Gi", 0)
+
+
 def node_manifests() -> list[dict[str, Any]]:
-    nodes = [_node(f"gpu-node-{i}", "64", "512Gi", 8) for i in range(gpu_node_count())]
-    nodes.append(_node("cpu-node-0", "16", "64Gi", 0))
+    nodes = [gpu_node_manifest(f"gpu-node-{i}") for i in range(gpu_node_count())]
+    nodes.append(cpu_node_manifest("cpu-node-0"))
     # Executor nodes offer what this machine has: their pods run on it.
     host_cpus, host_memory = str(os.cpu_count() or 1), _host_memory()
-    nodes += [_node(name, host_cpus, host_memory, 0, executor=True) for name in executor_node_names()]
+    nodes += [node_manifest(name, host_cpus, host_memory, 0, executor=True) for name in executor_node_names()]
     return nodes
 
 
@@ -603,20 +637,28 @@ def _healthy(layout: Layout, state: State) -> bool:
     return _https_ok(f"{state.server}/readyz", layout.pki)
 
 
-def up() -> State:
+def up(audit: bool | None = None) -> State:
+    """Start the cluster, or reuse a healthy one. `audit` (default: DEVCLUSTER_AUDIT=1) asks for the audit log."""
+    want_audit = os.environ.get("DEVCLUSTER_AUDIT") == "1" if audit is None else audit
     layout = Layout(state_dir())
     layout.root.mkdir(parents=True, exist_ok=True)
     with _file_lock(layout.lock):
         existing = State.load(layout.state)
         if existing is not None and _healthy(layout, existing) and layout.kubeconfig.exists():
-            log(f"reusing the healthy cluster at {existing.server} (kubeconfig {layout.kubeconfig})")
-            return existing
+            if want_audit and not existing.audit and "kube-apiserver" in existing.commands:
+                log("turning the audit log on: restarting kube-apiserver on the same port")
+                existing.audit = True
+                existing.commands["kube-apiserver"] = [*existing.commands["kube-apiserver"], *_audit_flags(layout)]
+                _restart_locked(layout, existing, "kube-apiserver")
+            if existing.audit or not want_audit:
+                log(f"reusing the healthy cluster at {existing.server} (kubeconfig {layout.kubeconfig})")
+                return existing
         if existing is not None or _stray_pids(layout.root):
             log("found a stopped or unhealthy cluster: cleaning it up first")
             _down_locked(layout)
         started = time.monotonic()
         try:
-            state = _start_cluster(layout)
+            state = _start_cluster(layout, want_audit)
         except BaseException:
             log(f"start failed; logs are in {layout.logs}; stopping what was started")
             _down_locked(layout)
@@ -626,7 +668,52 @@ def up() -> State:
         return state
 
 
-def _start_cluster(layout: Layout) -> State:
+# What the audit log records: who read and wrote FineTuneJobs and the objects around them. Status writes and
+# Events are logged with their body (level Request): a status patch's fields tell the state machine's writes from
+# the log follower's, and an Event's involvedObject names its FineTuneJob. Node heartbeats and the control plane's
+# own leases are left out.
+AUDIT_POLICY: dict[str, Any] = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "namespaces": ["kube-node-lease", "kube-system"]},
+        {
+            "level": "Request",
+            "verbs": ["create", "update", "patch"],
+            "resources": [
+                {"group": "finetune.dev", "resources": ["finetunejobs/status"]},
+                {"group": "", "resources": ["events"]},
+                {"group": "events.k8s.io", "resources": ["events"]},
+            ],
+        },
+        {
+            "level": "Metadata",
+            "resources": [
+                {"group": "finetune.dev", "resources": ["finetunejobs", "finetunejobs/*"]},
+                {"group": "batch", "resources": ["jobs", "jobs/*"]},
+                {"group": "", "resources": ["pods", "pods/*", "events", "services", "configmaps"]},
+                {"group": "events.k8s.io", "resources": ["events"]},
+                {"group": "coordination.k8s.io", "resources": ["leases"]},
+            ],
+        },
+        {"level": "None"},
+    ],
+}
+
+
+def _audit_flags(layout: Layout) -> list[str]:
+    layout.audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    # The log backend's default (blocking) mode: an event is in the file when its response has been sent.
+    return [
+        f"--audit-policy-file={layout.audit_policy}",
+        f"--audit-log-path={layout.audit_log}",
+        "--audit-log-format=json",
+    ]
+
+
+def _start_cluster(layout: Layout, audit: bool) -> State:
     for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok"):
         if not _is_executable(binary(name)):
             raise DevClusterError(f"{binary(name)} is missing: run `devcluster.py build` (make cluster-binaries)")
@@ -635,6 +722,7 @@ def _start_cluster(layout: Layout) -> State:
     state = State(
         ports=_free_ports(("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")),
         binaries={name: str(binary(name)) for name in (*BINARY_COMPONENTS, "kubectl")},
+        audit=audit,
         started_at=time.time(),
     )
     ports = state.ports
@@ -642,10 +730,12 @@ def _start_cluster(layout: Layout) -> State:
 
     if layout.etcd_data.exists():
         shutil.rmtree(layout.etcd_data)
+    layout.audit_log.unlink(missing_ok=True)
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
     peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
-    state.pids["etcd"] = _start(
+    _launch(
         layout,
+        state,
         "etcd",
         [
             str(binary("etcd")),
@@ -660,17 +750,17 @@ def _start_cluster(layout: Layout) -> State:
             "--log-level=warn",
         ],
     )
-    state.save(layout.state)
     _wait(
         "etcd",
-        lambda: _http_ok(f"{etcd_url}/health"),
+        lambda: _component_ready(layout, state, "etcd"),
         timeout=60,
         log_file=layout.log_file("etcd"),
         pid=state.pids["etcd"],
     )
 
-    state.pids["kube-apiserver"] = _start(
+    _launch(
         layout,
+        state,
         "kube-apiserver",
         [
             str(binary("kube-apiserver")),
@@ -695,12 +785,12 @@ def _start_cluster(layout: Layout) -> State:
             f"--kubelet-client-key={pki / 'admin.key'}",
             "--profiling=false",
             f"--cert-dir={layout.root / 'apiserver-certs'}",
+            *(_audit_flags(layout) if audit else []),
         ],
     )
-    state.save(layout.state)
     _wait(
         "kube-apiserver",
-        lambda: _https_ok(f"{state.server}/readyz", pki),
+        lambda: _component_ready(layout, state, "kube-apiserver"),
         timeout=120,
         log_file=layout.log_file("kube-apiserver"),
         pid=state.pids["kube-apiserver"],
@@ -710,8 +800,9 @@ def _start_cluster(layout: Layout) -> State:
         _write_kubeconfig(layout.component_kubeconfig(component), state.server, pki, component)
 
     kcm_config = str(layout.component_kubeconfig("kube-controller-manager"))
-    state.pids["kube-controller-manager"] = _start(
+    _launch(
         layout,
+        state,
         "kube-controller-manager",
         [
             str(binary("kube-controller-manager")),
@@ -731,11 +822,11 @@ def _start_cluster(layout: Layout) -> State:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
         ],
     )
-    state.save(layout.state)
 
     scheduler_config = str(layout.component_kubeconfig("kube-scheduler"))
-    state.pids["kube-scheduler"] = _start(
+    _launch(
         layout,
+        state,
         "kube-scheduler",
         [
             str(binary("kube-scheduler")),
@@ -748,7 +839,6 @@ def _start_cluster(layout: Layout) -> State:
             "--leader-elect=false",
         ],
     )
-    state.save(layout.state)
 
     # kwok's Logs/ClusterLogs CRDs, so that tests register a log file for a pod created at runtime
     for crd in KWOK_CRDS:
@@ -762,8 +852,9 @@ def _start_cluster(layout: Layout) -> State:
     )
 
     layout.pod_logs.mkdir(parents=True, exist_ok=True)
-    state.pids["kwok"] = _start(
+    _launch(
         layout,
+        state,
         "kwok",
         [
             str(binary("kwok")),
@@ -779,12 +870,12 @@ def _start_cluster(layout: Layout) -> State:
             f"--tls-private-key-file={pki / 'kwok.key'}",
             f"--enable-crds={','.join(KWOK_CRD_KINDS)}",
             f"--cidr={POD_CIDR}",
+            f"--node-lease-duration-seconds={NODE_LEASE_SECONDS}",
         ],
     )
-    state.save(layout.state)
     _wait(
         "kwok",
-        lambda: _port_open(ports["kwok"]),
+        lambda: _component_ready(layout, state, "kwok"),
         timeout=60,
         log_file=layout.log_file("kwok"),
         pid=state.pids["kwok"],
@@ -821,6 +912,48 @@ def _start_cluster(layout: Layout) -> State:
         pid=state.pids["executor"],
     )
     return state
+
+
+def _component_ready(layout: Layout, state: State, component: str) -> bool:
+    ports = state.ports
+    if component == "etcd":
+        return _http_ok(f"http://127.0.0.1:{ports['etcd']}/health")
+    if component == "kube-apiserver":
+        return _https_ok(f"{state.server}/readyz", layout.pki)
+    port = {"kube-controller-manager": "controller-manager", "kube-scheduler": "scheduler", "kwok": "kwok"}[component]
+    return _port_open(ports[port])
+
+
+def restart(component: str) -> State:
+    """Stop one component and start it again with the command line, ports and data it had; wait until it is ready.
+
+    Clients reconnect by themselves: this is a restart of the process, as after a crash or an upgrade.
+    """
+    layout = Layout(state_dir())
+    with _file_lock(layout.lock):
+        state = State.load(layout.state)
+        if state is None:
+            raise DevClusterError("no cluster here: run `devcluster.py up` first")
+        _restart_locked(layout, state, component)
+        return state
+
+
+def _restart_locked(layout: Layout, state: State, component: str) -> None:
+    if component not in state.commands:
+        known = ", ".join(state.commands) or "none: the cluster was started by an older devcluster.py; run down, up"
+        raise DevClusterError(f"cannot restart {component!r}; restartable components: {known}")
+    pid = state.pids.get(component, -1)
+    if pid_alive(pid) and _ours(pid, layout.root):
+        _stop([pid])
+    _launch(layout, state, component, state.commands[component])
+    _wait(
+        component,
+        lambda: _component_ready(layout, state, component),
+        timeout=120,
+        log_file=layout.log_file(component),
+        pid=state.pids[component],
+    )
+    log(f"{component} restarted (pid {state.pids[component]})")
 
 
 def _default_service_account_exists(layout: Layout) -> bool:
@@ -948,13 +1081,19 @@ def status() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("build", "up", "down", "status"))
+    parser.add_argument("command", choices=("build", "up", "down", "status", "restart"))
+    parser.add_argument("component", nargs="?", choices=COMPONENTS_IN_START_ORDER, help="for restart")
+    parser.add_argument("--audit", action="store_true", help="up: write the API server's audit log")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
             build()
         elif args.command == "up":
-            up()
+            up(audit=True if args.audit else None)
+        elif args.command == "restart":
+            if args.component is None:
+                parser.error(f"restart needs a component: {', '.join(COMPONENTS_IN_START_ORDER)}")
+            restart(args.component)
         elif args.command == "down":
             down()
         else:

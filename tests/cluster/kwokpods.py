@@ -5,6 +5,9 @@ kwok plays the kubelet of every simulated node (see kwok-stages.yaml):
 - a pod bound to a simulated node becomes Running and stays Running;
 - `terminate_pod` annotates a pod so that its containers terminate with a chosen exit code, reason and
   message, and the pod becomes Succeeded (exit code 0) or Failed, as a kubelet would report it;
+- `stop_node_heartbeat` takes a node's Lease from kwok: the node stops renewing it, kwok stops playing the node's
+  and its pods' stages (as when a kubelet dies), and the node controller marks it NotReady after its grace
+  period; `restore_node_heartbeat` gives it back;
 - `register_pod_logs` registers a log file with kwok for one pod (a namespaced kwok `Logs` object named like
   the pod), `register_namespace_logs` one file for every pod of a namespace (a `ClusterLogs` object); the
   returned `PodLogs` appends CRI-format lines to it, and `kubectl logs` (also `-f`) of the pod returns them.
@@ -35,6 +38,11 @@ GPU_TOLERATION: dict[str, str] = {"key": "nvidia.com/gpu", "operator": "Exists",
 
 KWOK_GROUP = "kwok.x-k8s.io"
 KWOK_VERSION = "v1alpha1"
+
+NODE_LEASE_NAMESPACE = "kube-node-lease"
+# The holder of a node's Lease while its heartbeat is stopped: not kwok, so kwok leaves the node alone.
+STOPPED_HEARTBEAT_HOLDER = "devcluster-stopped-heartbeat"
+STOPPED_HEARTBEAT_SECONDS = 7 * 24 * 3600
 
 T = TypeVar("T")
 
@@ -151,6 +159,40 @@ def termination_annotations(exit_code: int, reason: str | None = None, message: 
     if message is not None:
         annotations[MESSAGE_ANNOTATION] = message
     return annotations
+
+
+# ----------------------------------------------------------------------------------------------- nodes
+
+
+def stop_node_heartbeat(api: client.ApiClient, node: str) -> None:
+    """Stop the node's kubelet, as far as the cluster can tell: no more heartbeats, no more pod updates.
+
+    kwok renews a node's Lease and plays the stages of the node and its pods only while it holds that Lease
+    (devcluster runs it with --node-lease-duration-seconds). Taking the Lease for a long time makes kwok let go;
+    the node controller then sees no renewal, marks the node NotReady (Unknown) after its grace period and taints
+    it node.kubernetes.io/unreachable. Pods on the node keep their last status, as with a dead kubelet.
+    """
+    renewed = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    client.CoordinationV1Api(api).patch_namespaced_lease(
+        node,
+        NODE_LEASE_NAMESPACE,
+        {
+            "spec": {
+                "holderIdentity": STOPPED_HEARTBEAT_HOLDER,
+                "leaseDurationSeconds": STOPPED_HEARTBEAT_SECONDS,
+                "renewTime": renewed,
+            }
+        },
+    )
+
+
+def restore_node_heartbeat(api: client.ApiClient, node: str) -> None:
+    """Give a stopped node back to kwok: it creates the Lease again and makes the node Ready."""
+    try:
+        client.CoordinationV1Api(api).delete_namespaced_lease(node, NODE_LEASE_NAMESPACE)
+    except ApiException as error:
+        if error.status != 404:
+            raise
 
 
 # ----------------------------------------------------------------------------------------------- logs

@@ -1,0 +1,480 @@
+"""`make bench-operator`: what the operator costs per FineTuneJob, against the control plane's own floor.
+
+For each N (default 100, 300 and 1,000; `--huge` adds 5,000), in one run on the local cluster with one simulated
+A40 node per job (and CPU nodes for the validation pods), created for the run and removed after it:
+
+1. the floor: N bare Indexed Jobs with the training Job's pod shape (built by the operator's own
+   `workload.build_train_job`, relabelled so that the operator never sees them), created directly;
+2. a second floor that asks the cluster for the operator's Job and pod work (`--no-chained-floor` skips it): N bare
+   validation Jobs (`workload.build_validation_job`), each followed by its training Job once it completed;
+3. N FineTuneJobs, handled by `finetune-operator run` as a process of this checkout, under the Helm chart's
+   ServiceAccount and RBAC (so that the audit log tells its requests apart).
+
+The simulated trainer (simtrainer.py) plays every pod alike on both sides: validation pods exit after a moment,
+rank-0 trainer pods print a growing log of progress events and exit 0 with an output after `--training-seconds`.
+It prints one table per N: makespan of each and the ratios; p50/p99 from creation to the validation and the
+training Job and from the trainer's exit to the final phase; the operator's API writes per job by kind and reads
+per job (from the API server's audit log); its peak RSS, most threads and CPU seconds per job (from /proc).
+
+    python tests/cluster/bench_operator.py                     # N = 100, 300, 1000
+    python tests/cluster/bench_operator.py --sizes 20 --training-seconds 10
+    python tests/cluster/bench_operator.py --huge              # also N = 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from auditlog import Usage, operator_usage, read_audit_events
+from informer import Informer, Obj
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kwokpods import wait_for
+from operatorprocess import (
+    MANY_JOBS_SETTINGS,
+    OperatorProcess,
+    install_operator_identity,
+    remove_operator_identity,
+)
+from simtrainer import (
+    BENCH_MANAGER,
+    SIMULATED_DESTINATION,
+    SIMULATED_SPEC,
+    SimTrainer,
+    TrainerTiming,
+    finetunejob_manifest,
+)
+from testcluster import (
+    DevCluster,
+    create_namespace,
+    delete_namespace,
+    ensure_nodes,
+    install_crds,
+    remove_nodes,
+    running_cluster,
+)
+
+from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.api.spec import FineTuneJobSpec
+from finetune_operator.conventions import COMPONENT_LABEL, MANAGED_BY_LABEL, Component
+from finetune_operator.resolution import Owner, RunInfo, resolve_run
+from finetune_operator.settings import Settings
+from finetune_operator.workload import build_train_job, build_validation_job
+
+DEFAULT_SIZES = (100, 300, 1000)
+HUGE_SIZE = 5000
+NODE_POOL = "bench"
+PODS_PER_CPU_NODE = 100
+FINAL_PHASES = frozenset(("Succeeded", "Failed", "Canceled"))
+
+
+def say(text: str) -> None:
+    print(f"bench-operator: {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class SideResult:
+    """One side of the comparison: N bare Jobs, or N FineTuneJobs."""
+
+    makespan: float
+    # seconds from creating the FineTuneJob to seeing its validation Job, and its training Job (empty for bare Jobs)
+    create_to_validation: list[float]
+    create_to_job: list[float]
+    # seconds from seeing rank 0 exit to seeing the final phase (the bare Job's Complete condition)
+    exit_to_final: list[float]
+    failed: int = 0
+
+
+@dataclass
+class OperatorCost:
+    peak_rss_bytes: int
+    most_threads: int
+    cpu_seconds: float
+
+
+@dataclass
+class BenchResult:
+    n: int
+    timing: TrainerTiming
+    bare: SideResult
+    operator: SideResult
+    usage: Usage
+    cost: OperatorCost
+    progress_interval: float
+    # the floor that does the operator's Job and pod work: a validation Job, then the training Job
+    chained: SideResult | None = None
+
+    def ratio(self, floor: SideResult) -> float:
+        return self.operator.makespan / floor.makespan if floor.makespan else math.inf
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def format_table(result: BenchResult) -> str:
+    n, usage = result.n, result.usage
+    total = usage.total()
+    timing = result.timing
+
+    def per_job(count: int) -> str:
+        return f"{count / n:.2f}"
+
+    def ratio(floor: SideResult) -> str:
+        return f"{result.ratio(floor):.2f}"
+
+    def spread(values: Sequence[float]) -> str:
+        return f"{percentile(values, 0.5):.2f} / {percentile(values, 0.99):.2f}" if values else "-"
+
+    rows: list[tuple[str, str, str, str]] = [
+        ("makespan (s)", f"{result.bare.makespan:.1f}", f"{result.operator.makespan:.1f}", ratio(result.bare)),
+        *(
+            [("  floor of validation then training Jobs", f"{chained.makespan:.1f}", "", ratio(chained))]
+            if (chained := result.chained) is not None
+            else []
+        ),
+        ("creation -> validation Job p50 / p99 (s)", "-", spread(result.operator.create_to_validation), ""),
+        ("creation -> training Job p50 / p99 (s)", "-", spread(result.operator.create_to_job), ""),
+        (
+            "trainer exit -> final phase p50 / p99 (s)",
+            spread(result.bare.exit_to_final),
+            spread(result.operator.exit_to_final),
+            "",
+        ),
+        ("failed", str(result.bare.failed), str(result.operator.failed), ""),
+        ("operator API writes per job lifecycle", "", "mean", "most"),
+        ("  creates", "", per_job(total.creates), str(usage.most("creates"))),
+        ("  status writes besides progress", "", per_job(total.status_writes), str(usage.most("status_writes"))),
+        ("  progress writes", "", per_job(total.progress_writes), str(usage.most("progress_writes"))),
+        ("  Events", "", per_job(total.events), str(usage.most("events"))),
+        ("  deletes", "", per_job(total.deletes), str(usage.most("deletes"))),
+        ("  other writes", "", per_job(total.other_writes), str(usage.most("other_writes"))),
+        ("  refused (409, 404, ...)", "", per_job(total.refused_writes), str(usage.most("refused_writes"))),
+        ("  no-op status writes (echo)", "", str(total.noop_status_writes), str(usage.most("noop_status_writes"))),
+        ("operator reads per job (get, list)", "", per_job(total.reads), str(usage.most("reads"))),
+        ("operator watches, Lease writes (total)", "", f"{total.watches}, {usage.lease_writes}", ""),
+        ("operator peak RSS (MB)", "", f"{result.cost.peak_rss_bytes / 2**20:.0f}", ""),
+        ("operator threads (most)", "", str(result.cost.most_threads), ""),
+        ("operator CPU seconds per job", "", f"{result.cost.cpu_seconds / n:.3f}", ""),
+    ]
+    header = (
+        f"N = {n}: one A40 node per job; validation {timing.validation_seconds:g} s, training "
+        f"{timing.training_seconds:g} s, a progress event every {timing.step_seconds:g} s; operator's progress "
+        f"interval {result.progress_interval:g} s"
+    )
+    width = max(len(row[0]) for row in rows)
+    lines = [header, f"{'':<{width}}  {'bare Jobs':>12}  {'FineTuneJobs':>12}  {'ratio':>6}"]
+    lines += [f"{a:<{width}}  {b:>12}  {c:>12}  {d:>6}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- the floor
+
+
+def bare_training_job(namespace: str, name: str) -> dict[str, Any]:
+    """The operator's training Job for a FineTuneJob of SIMULATED_SPEC, without owner, with the benchmark's labels."""
+    return _bare(build_train_job, namespace, name, Component.TRAINING)
+
+
+def _bare(
+    build: Callable[[RunInfo], dict[str, Any]], namespace: str, name: str, component: Component
+) -> dict[str, Any]:
+    run = resolve_run(
+        Owner(name=name, namespace=namespace, uid=str(uuid.uuid4()), labels={}),
+        FineTuneJobSpec.model_validate(SIMULATED_SPEC),
+        Settings(default_destination=SIMULATED_DESTINATION),
+    )
+    job = build(run)
+    labels = {MANAGED_BY_LABEL: BENCH_MANAGER, COMPONENT_LABEL: component.value}
+    job["metadata"] = {"name": job["metadata"]["name"], "namespace": namespace, "labels": labels}
+    job["spec"]["template"]["metadata"]["labels"] = dict(labels)
+    return job
+
+
+def bare_validation_job(namespace: str, name: str) -> dict[str, Any]:
+    """The operator's validation Job for a FineTuneJob of SIMULATED_SPEC, like `bare_training_job`."""
+    return _bare(build_validation_job, namespace, name, Component.VALIDATION)
+
+
+def run_bare(
+    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path, *, validation_first: bool = False
+) -> SideResult:
+    """N bare training Jobs, created at once; or, `validation_first`, N validation Jobs, each followed by its
+    training Job as soon as it completed (the Job and pod work the operator asks of the cluster)."""
+    namespace = create_namespace(devcluster.api, f"bench-bare-{n}-{uuid.uuid4().hex[:5]}")
+    batch: Any = client.BatchV1Api(devcluster.api)
+    try:
+        with SimTrainer(devcluster.kubeconfig, namespace, workdir / "pod-logs", timing) as trainer:
+            names = [f"bare-{i}" for i in range(n)]
+            first = bare_validation_job if validation_first else bare_training_job
+            started = time.monotonic()
+            create_all(lambda name: batch.create_namespaced_job(namespace, first(namespace, name)), names)
+            followed: set[str] = set()
+            deadline = started + side_timeout(n, timing)
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                while True:
+                    jobs = trainer.jobs()
+                    training = [job for job in jobs if job.component == Component.TRAINING.value]
+                    if sum(job.finished_at is not None for job in training) >= n:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{n} bare training Jobs did not finish in {side_timeout(n, timing):.0f}s")
+                    for job in jobs:
+                        if job.component == Component.VALIDATION.value and job.succeeded and job.name not in followed:
+                            followed.add(job.name)
+                            name = job.name.removesuffix("-validate")
+                            pool.submit(batch.create_namespaced_job, namespace, bare_training_job(namespace, name))
+                    time.sleep(0.2)  # the floor's controller looks at its Jobs five times a second
+            pods = trainer.pods()
+        exits = {pod.job_uid: pod.ended_at for pod in pods if pod.rank0_trainer and pod.exited_with_output}
+        return SideResult(
+            makespan=max(job.finished_at or started for job in training) - started,
+            create_to_validation=[],
+            create_to_job=[],
+            exit_to_final=[
+                job.finished_at - exited
+                for job in training
+                if job.finished_at is not None and (exited := exits.get(job.uid)) is not None
+            ],
+            failed=sum(job.succeeded is False for job in jobs),
+        )
+    finally:
+        delete_namespace(devcluster.api, namespace, timeout=side_timeout(n, timing))
+
+
+# ---------------------------------------------------------------------------------------------------- the operator
+
+
+class PhaseWatch:
+    """When each FineTuneJob of a namespace was first seen in a final phase (a watch of its own)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        custom = client.CustomObjectsApi(api)
+        self.final_at: dict[str, float] = {}
+        self.final_phase: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._informer = Informer(
+            f"finetunejobs/{namespace}",
+            functools.partial(custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL),
+            self._on_event,
+        )
+
+    def _on_event(self, kind: str, obj: Obj) -> None:
+        phase = (obj.get("status") or {}).get("phase")
+        name = obj["metadata"]["name"]
+        with self._lock:
+            if phase in FINAL_PHASES and name not in self.final_at:
+                self.final_at[name] = time.monotonic()
+                self.final_phase[name] = phase
+
+    def __enter__(self) -> PhaseWatch:
+        self._informer.start()
+        self._informer.wait_synced()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._informer.stop()
+
+
+class UsageSampler:
+    """The most threads the operator process had, sampled every half second."""
+
+    def __init__(self, operator: OperatorProcess) -> None:
+        self.most_threads = 0
+        self._operator = operator
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="usage-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5) and self._operator.running():
+            self.most_threads = max(self.most_threads, self._operator.usage().threads)
+
+    def __enter__(self) -> UsageSampler:
+        self.most_threads = self._operator.usage().threads
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def run_operator(
+    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path
+) -> tuple[SideResult, Usage, OperatorCost, float]:
+    if devcluster.audit_log is None:
+        raise RuntimeError("the cluster writes no audit log: start it with `devcluster.py up --audit`")
+    namespace = create_namespace(devcluster.api, f"bench-op-{n}-{uuid.uuid4().hex[:5]}")
+    identity = install_operator_identity(
+        devcluster, namespace, workdir / f"operator-{n}.kubeconfig", token_seconds=6 * 3600
+    )
+    operator = OperatorProcess(
+        namespace, identity.kubeconfig, workdir / f"operator-{n}.log", env=dict(MANY_JOBS_SETTINGS)
+    )
+    custom: Any = client.CustomObjectsApi(devcluster.api)
+    try:
+        with SimTrainer(devcluster.kubeconfig, namespace, workdir / "pod-logs", timing) as trainer:
+            operator.start()
+            wait_for(operator.healthy, timeout=120, description="the operator's liveness endpoint")
+            audit_offset = devcluster.audit_log.stat().st_size
+            before = operator.usage()
+            names = [f"ftj-{i}" for i in range(n)]
+            created_at: dict[str, float] = {}
+
+            def create(name: str) -> None:
+                custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, finetunejob_manifest(name))
+                created_at[name] = time.monotonic()
+
+            with PhaseWatch(devcluster.api, namespace) as phases, UsageSampler(operator) as sampler:
+                started = time.monotonic()
+                create_all(create, names)
+                wait_for(
+                    lambda: len(phases.final_at) >= n,
+                    timeout=side_timeout(n, timing),
+                    interval=1,
+                    description=f"{n} FineTuneJobs to reach a final phase",
+                )
+                after = operator.usage()
+                cost = OperatorCost(after.peak_rss_bytes, sampler.most_threads, after.cpu_seconds - before.cpu_seconds)
+            jobs, pods = trainer.jobs(), trainer.pods()
+        operator.stop()
+        training = {job.owner_name: job for job in jobs if job.component == Component.TRAINING.value}
+        validation = {job.owner_name: job for job in jobs if job.component == Component.VALIDATION.value}
+        exits = {pod.job_uid: pod.ended_at for pod in pods if pod.rank0_trainer and pod.exited_with_output}
+        exit_to_final = []
+        for name, job in training.items():
+            exited = exits.get(job.uid)
+            if name is not None and exited is not None and name in phases.final_at:
+                exit_to_final.append(phases.final_at[name] - exited)
+        side = SideResult(
+            makespan=max(phases.final_at.values()) - started,
+            create_to_validation=[
+                job.seen_at - created_at[name]
+                for name, job in validation.items()
+                if name is not None and name in created_at
+            ],
+            create_to_job=[
+                job.seen_at - created_at[name]
+                for name, job in training.items()
+                if name is not None and name in created_at
+            ],
+            exit_to_final=exit_to_final,
+            failed=sum(phase != "Succeeded" for phase in phases.final_phase.values()),
+        )
+        events = read_audit_events(devcluster.audit_log, audit_offset)
+        usage = operator_usage(events, identity.username, namespace, names)
+        return side, usage, cost, Settings.model_fields["progress_interval_seconds"].default
+    finally:
+        operator.stop()
+        delete_namespace(devcluster.api, namespace, timeout=side_timeout(n, timing))
+        remove_operator_identity(devcluster, identity)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def create_all(create: Callable[[str], object], names: Iterable[str], workers: int = 8) -> None:
+    """Create the objects from a few threads, as a client submitting a queue would; an error stops the run."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(create, name) for name in names]:
+            future.result()
+
+
+def side_timeout(n: int, timing: TrainerTiming) -> float:
+    return 180 + 3 * (timing.validation_seconds + timing.training_seconds) + 0.5 * n
+
+
+def run_size(
+    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path, *, chained_floor: bool = True
+) -> BenchResult:
+    """One N: the floor (and, `chained_floor`, the floor of validation then training Jobs), then the operator."""
+    ensure_nodes(devcluster.api, NODE_POOL, gpu_nodes=n, cpu_nodes=math.ceil(n / PODS_PER_CPU_NODE))
+    say(f"N = {n}: {n} bare training Jobs")
+    bare = run_bare(devcluster, n, timing, workdir)
+    chained = None
+    if chained_floor:
+        say(f"N = {n}: {n} bare validation Jobs, each followed by its training Job")
+        chained = run_bare(devcluster, n, timing, workdir, validation_first=True)
+    say(f"N = {n}: {n} FineTuneJobs")
+    side, usage, cost, interval = run_operator(devcluster, n, timing, workdir)
+    return BenchResult(n, timing, bare, side, usage, cost, interval, chained)
+
+
+@dataclass
+class Options:
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    timing: TrainerTiming = field(default_factory=lambda: TrainerTiming(training_seconds=30.0))
+    keep_nodes: bool = False
+    chained_floor: bool = True
+    workdir: Path | None = None
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="the values of N")
+    parser.add_argument("--huge", action="store_true", help=f"also N = {HUGE_SIZE}")
+    parser.add_argument("--validation-seconds", type=float, default=1.0)
+    parser.add_argument("--training-seconds", type=float, default=30.0)
+    parser.add_argument("--step-seconds", type=float, default=1.0, help="seconds between two progress events")
+    parser.add_argument("--keep-nodes", action="store_true", help="leave the benchmark's nodes in the cluster")
+    parser.add_argument(
+        "--no-chained-floor",
+        action="store_true",
+        help="skip the second floor (validation Jobs, each followed by its training Job)",
+    )
+    parser.add_argument("--workdir", type=Path, help="where the operator logs and pod logs go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    sizes = [*args.sizes, *([HUGE_SIZE] if args.huge else [])]
+    timing = TrainerTiming(args.validation_seconds, args.training_seconds, args.step_seconds)
+    return Options(sizes, timing, args.keep_nodes, not args.no_chained_floor, args.workdir)
+
+
+def run(devcluster: DevCluster, options: Options) -> list[BenchResult]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as scratch:
+        workdir = options.workdir or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            for n in options.sizes:
+                result = run_size(devcluster, n, options.timing, workdir, chained_floor=options.chained_floor)
+                print(format_table(result), "\n", flush=True)
+                results.append(result)
+        finally:
+            if not options.keep_nodes:
+                remove_nodes(devcluster.api, NODE_POOL)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    try:
+        with running_cluster(stop_if_started=False, audit=True) as devcluster:
+            install_crds(devcluster)
+            run(devcluster, options)
+    except ApiException as error:
+        say(f"the API server refused a request: {error.status} {error.reason}: {error.body}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
