@@ -9,7 +9,8 @@ DEVCLUSTER := tests/cluster/devcluster.py
 	bench-trainer bench-gpu trainer-lock trainer-image-check tmux krew-archive bench-operator chaos
 
 help:
-	@echo "make demo          bring up the local cluster and run a FineTuneJob on simulated A40 nodes"
+	@echo "make demo          bring up the local cluster and fine-tune a tiny Llama for real on it"
+	@echo "                   (make demo DEMO_FLAGS=--replay: a recorded run on simulated A40 nodes)"
 	@echo "make test          lint, unit, trainer and integration tests"
 	@echo "make lint          ruff, mypy and the import contract"
 	@echo "make crds          regenerate crds/ from the pydantic models"
@@ -38,13 +39,15 @@ lint: venv
 	$(VENV)/bin/ruff check contract operator trainer-image tests plugins
 	$(VENV)/bin/ruff format --check contract operator trainer-image tests plugins
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests/conftest.py
 	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/unit
 	MYPYPATH=tests/cluster $(VENV)/bin/mypy tests/trainer
 	MYPYPATH=tests/cluster:tests/integration $(VENV)/bin/mypy --explicit-package-bases tests/cluster tests/integration
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint operator/Dockerfile trainer-image/Dockerfile
 
-unit: venv
+# The chart's tests render it with the helm that cluster-binaries builds.
+unit: venv cluster-binaries
 	$(VENV)/bin/pytest -q tests/unit
 
 trainer-tests: venv
@@ -74,8 +77,9 @@ cluster-up: cluster-binaries
 cluster-down: venv
 	$(PY) $(DEVCLUSTER) down
 
+# DEMO_FLAGS=--replay plays a recorded trainer run on the simulated A40 nodes instead of training for real.
 demo: cluster-up
-	$(PY) tests/cluster/demo.py
+	$(PY) tests/cluster/demo.py $(DEMO_FLAGS)
 
 # The archive of plugins/krew/ftj.yaml (kubectl ftj through krew), for a release.
 krew-archive:

@@ -21,6 +21,7 @@ Obj = dict[str, Any]
 Key = tuple[str, str]
 # Warning Events kept per FineTuneJob: the newest few say what is wrong now.
 MAX_WARNINGS = 10
+MAX_DEPARTED = 8
 # The Warning Events that tell a user why a child is stuck and that nothing else shows: the Job controller
 # cannot create pods, a volume cannot be attached or mounted. (The scheduler's and the kubelet's other news is
 # in the pods' own conditions and container states.)
@@ -76,6 +77,9 @@ class Cache:
         # The pods of each FineTuneJob, by its key: a reconcile lists them without scanning every pod.
         self._pods_by_owner: dict[Key, set[Key]] = {}
         self._warnings: dict[Key, list[ChildWarning]] = {}
+        # Succeeded pods that were deleted (an eviction racing the exit): their termination message holds the
+        # output, which must not vanish with them. Kept until their FineTuneJob goes.
+        self._departed: dict[Key, dict[Key, Obj]] = {}
 
     # --- writes, from the watches and from the operator's own responses --------------------------------------
 
@@ -86,6 +90,9 @@ class Cache:
     def remove_finetunejob(self, obj: Mapping[str, Any]) -> None:
         with self._lock:
             self._finetunejobs.remove(obj)
+            if _key(obj) not in self._finetunejobs.objects:
+                self._departed.pop(_key(obj), None)
+                self._warnings.pop(_key(obj), None)
 
     def replace_finetunejobs(self, finetunejobs: Iterable[Obj]) -> set[Key]:
         """A fresh list of every FineTuneJob: drop what is gone, keep what is newer. Returns the keys touched."""
@@ -123,8 +130,14 @@ class Cache:
 
     def remove_pod(self, obj: Mapping[str, Any]) -> None:
         with self._lock:
+            last = self._pods.objects.get(_key(obj))
             self._pods.remove(obj)
             owner = finetunejob_key(obj)
+            if owner is not None and last is not None and (last.get("status") or {}).get("phase") == "Succeeded":
+                departed = self._departed.setdefault(owner, {})
+                departed[_key(last)] = last
+                while len(departed) > MAX_DEPARTED:
+                    departed.pop(next(iter(departed)))
             if owner is not None and _key(obj) not in self._pods.objects:
                 members = self._pods_by_owner.get(owner)
                 if members is not None:
@@ -200,9 +213,12 @@ class Cache:
             return self._jobs.objects.get((namespace, name))
 
     def pods_of(self, namespace: str, finetunejob: str) -> list[Obj]:
+        """The FineTuneJob's pods, and those of them that succeeded before they were deleted."""
         with self._lock:
             keys = self._pods_by_owner.get((namespace, finetunejob), set())
-            return [self._pods.objects[key] for key in sorted(keys) if key in self._pods.objects]
+            live = [self._pods.objects[key] for key in sorted(keys) if key in self._pods.objects]
+            departed = self._departed.get((namespace, finetunejob), {})
+            return live + [pod for key, pod in departed.items() if key not in keys]
 
     def warnings_of(self, namespace: str, finetunejob: str) -> list[ChildWarning]:
         with self._lock:

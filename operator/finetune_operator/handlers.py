@@ -24,7 +24,7 @@ from finetune_operator.api.status import Phase
 from finetune_operator.cache import Cache, finetunejob_key
 from finetune_operator.conventions import MANAGED_BY_LABEL, MANAGER_NAME
 from finetune_operator.health import Health
-from finetune_operator.kube import KubeApi, load_client
+from finetune_operator.kube import TRANSIENT_API_ERRORS, KubeApi, load_client
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.pod_logs import PodLogs
 from finetune_operator.reconciler import Reconciler
@@ -73,7 +73,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         queue.add((stream.namespace, stream.finetunejob))
 
     followers = LogFollowers(pod_logs, api, operator_settings, on_end=stream_ended, loop=loop)
-    queue = WorkQueue(Reconciler(api, cache, operator_settings, followers).reconcile, operator_settings.workers)
+    queue = WorkQueue(
+        Reconciler(api, cache, operator_settings, followers).reconcile,
+        operator_settings.workers,
+        transient=TRANSIENT_API_ERRORS,
+    )
     queue.start()
     HEALTH.stalled = lambda: queue.stalled(operator_settings.health_stall_seconds)
     for phase in Phase:

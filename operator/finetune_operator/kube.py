@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 from kubernetes.client import ApiClient, BatchV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
@@ -33,6 +34,20 @@ T = TypeVar("T")
 STATE_MACHINE_MANAGER = MANAGER_NAME
 LOG_FOLLOWER_MANAGER = f"{MANAGER_NAME}-log"
 WEBHOOK_MANAGER = f"{MANAGER_NAME}-webhooks"
+
+
+class ApiUnavailable(Exception):
+    """The API server answered that it cannot serve now (429, 5xx): try again later."""
+
+
+# What an API server outage looks like to a client: retried by the work queue, never a bug.
+TRANSIENT_API_ERRORS: tuple[type[BaseException], ...] = (
+    ApiUnavailable,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    TimeoutError,
+)
+_UNAVAILABLE = frozenset((429, 502, 503, 504))
 
 
 class Conflict(Exception):
@@ -109,6 +124,8 @@ class KubeApi:
             result = call()
         except ApiException as error:
             metrics.API_REQUESTS.labels(verb=verb, resource=resource, code=str(error.status)).inc()
+            if error.status in _UNAVAILABLE:
+                raise ApiUnavailable(f"{verb} {resource}: {error.status} {error.reason}") from error
             raise
         except Exception:
             metrics.API_REQUESTS.labels(verb=verb, resource=resource, code="error").inc()
@@ -220,24 +237,32 @@ class KubeApi:
             "Job": self.batch.read_namespaced_job,
         }
         resource = f"{kind.lower()}s"
-        try:
-            response = self._call(
-                "create",
-                resource,
-                lambda: creators[kind](namespace, manifest, _preload_content=False, _request_timeout=self._timeout),
-            )
-        except ApiException as error:
-            if error.status == 409:
+        for _ in range(3):  # a namesake collected between our create and our read: create again
+            try:
+                response = self._call(
+                    "create",
+                    resource,
+                    lambda: creators[kind](namespace, manifest, _preload_content=False, _request_timeout=self._timeout),
+                )
+            except ApiException as error:
+                if error.status in (403, 422):
+                    raise Rejected(kind, name, error.status, _status_message(error)) from error
+                if error.status != 409:
+                    raise
+            else:
+                return Created(_json(response), existed=False)
+            try:
                 existing = self._call(
                     "get",
                     resource,
                     lambda: readers[kind](name, namespace, _preload_content=False, _request_timeout=self._timeout),
                 )
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+            else:
                 return Created(_json(existing), existed=True)
-            if error.status in (403, 422):
-                raise Rejected(kind, name, error.status, _status_message(error)) from error
-            raise
-        return Created(_json(response), existed=False)
+        raise Conflict(f"{kind} {namespace}/{name} keeps appearing and disappearing")
 
     def set_job_suspend(self, namespace: str, name: str, uid: str, suspend: bool) -> None:
         """Suspend or resume the Job with `uid` (a JSON patch `test`: never a namesake)."""
@@ -272,6 +297,21 @@ class KubeApi:
             uid,
             propagation="Foreground" if foreground else "Background",
         )
+
+    def force_delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        """Remove a pod whose kubelet will never confirm its end (its node stopped reporting)."""
+        options = kubernetes.client.V1DeleteOptions(
+            grace_period_seconds=0, preconditions=kubernetes.client.V1Preconditions(uid=uid)
+        )
+        try:
+            self._call(
+                "delete",
+                "pods",
+                lambda: self.core.delete_namespaced_pod(name, namespace, body=options, _request_timeout=self._timeout),
+            )
+        except ApiException as error:
+            if error.status not in (404, 409):
+                raise
 
     def delete_service(self, namespace: str, name: str, uid: str) -> None:
         self._delete(

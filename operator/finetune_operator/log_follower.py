@@ -27,7 +27,7 @@ from finetune_operator.trainer_log import EventBudget, TrainerLog
 log = logging.getLogger(__name__)
 # A follow stream that stays silent this long is checked: some kubelets (and kwok) keep it open after the
 # container stopped. A trainer prints progress far more often than this.
-IDLE_SECONDS = 60.0
+IDLE_SECONDS = 20.0
 MAX_BACKOFF_SECONDS = 30.0
 
 

@@ -29,6 +29,7 @@ from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.naming import WorkloadNames, workload_names
 from finetune_operator.resolution import InvalidSpec, Owner, RunInfo, resolve_run
 from finetune_operator.settings import Settings
+from finetune_operator.timestamps import parse_timestamp
 from finetune_operator.workload import build_config_map, build_service, build_train_job, build_validation_job
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Reconciler:
 
     def _reconcile(self, finetunejob: Obj) -> float | None:
         observation, run = self._observe(finetunejob)
+        self._release_lost_pods(finetunejob, observation)
         decision = lifecycle.decide(observation)
         outcome = self._act(finetunejob, observation, run, decision)
         if outcome.name_conflicts or outcome.rejected:
@@ -183,6 +185,28 @@ class Reconciler:
             conflicts.append(describe(job, "Job"))
             return None
         return job
+
+    def _release_lost_pods(self, finetunejob: Obj, obs: Observation) -> None:
+        """Force-delete a pod that has been terminating far past its grace: its node stopped reporting, so no
+        kubelet will ever confirm its end, and its Job would wait for it forever before it makes a replacement."""
+        for pod in [*obs.validation_pods, *obs.train_pods]:
+            metadata = pod["metadata"]
+            since = metadata.get("deletionTimestamp")
+            if not since:
+                continue
+            grace = float(metadata.get("deletionGracePeriodSeconds") or 0)
+            overdue = (obs.now - parse_timestamp(str(since))).total_seconds() - grace
+            if overdue < self._settings.lost_node_seconds:
+                continue
+            log.info("%s: releasing pod %s, terminating since %s", obs.names.train_job, metadata["name"], since)
+            self._api.force_delete_pod(metadata["namespace"], metadata["name"], metadata["uid"])
+            self._api.record_event(
+                finetunejob,
+                "Warning",
+                "LostPodReleased",
+                f"pod {metadata['name']} was still terminating {int(overdue)}s past its grace period (its node "
+                "stopped reporting): removed, so that its replacement can start",
+            )
 
     # --- act ---------------------------------------------------------------------------------------------
 

@@ -90,6 +90,7 @@ def resolve_trainer_config(
         gpus_per_node=spec.resources.gpus_per_node,
         job=f"{namespace}/{name}",
         activation_checkpointing=settings.activation_checkpointing,
+        checkpoint_every_minutes=settings.checkpoint_every_minutes,
     )
 
 

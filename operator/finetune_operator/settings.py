@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         None,
         description="ServiceAccount of trainer pods (e.g. one bound to cloud storage by workload identity).",
     )
+    checkpoint_every_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="Trainers save a checkpoint this often besides each epoch's end (a retry resumes there).",
+    )
     activation_checkpointing: ActivationCheckpointing = Field(
         "auto",
         description='Activation checkpointing in trainer pods: "auto" (planned from the model, GPU memory, micro '

@@ -30,6 +30,8 @@ from finetune_operator.naming import child_labels, component_selector
 from finetune_operator.resolution import Owner, RunInfo
 
 Manifest = dict[str, Any]
+# The well-known node label that makes each node its own topology domain.
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 TRAINER_USER_ID = 1000
 VALIDATION_BACKOFF_LIMIT = 2
@@ -88,6 +90,9 @@ def build_validation_job(run: RunInfo) -> Manifest:
         resources=_requests_and_limits({"cpu": settings.validation_cpu, "memory": settings.validation_memory}),
         mounts=storage.mounts,
     )
+    # A CPU job (gpusPerNode 0) runs all of its pods where the spec places them; a GPU job's validation pod goes
+    # to any CPU node.
+    placement = _placement(run.spec.resources) if run.spec.resources.gpus_per_node == 0 else {}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -98,7 +103,7 @@ def build_validation_job(run: RunInfo) -> Manifest:
             "podFailurePolicy": {"rules": [_fail_on_user_error()]},
             "template": {
                 "metadata": {"labels": child_labels(run.owner.name, Component.VALIDATION)},
-                "spec": _pod_spec(run, container, storage.volumes),
+                "spec": _pod_spec(run, container, storage.volumes, **placement),
             },
         },
     }
@@ -124,7 +129,7 @@ def build_service(run: RunInfo) -> Manifest | None:
 
 
 def build_train_job(run: RunInfo) -> Manifest:
-    """The Indexed Job of `nodes` pods, each running torchrun over `gpusPerNode` GPUs.
+    """The Indexed Job of `nodes` pods, each running torchrun over `gpusPerNode` GPUs (or one CPU process).
 
     It starts suspended when spec.suspend asks for it, or when the FineTuneJob names a Kueue queue: Kueue admits
     it by unsuspending it.
@@ -134,7 +139,7 @@ def build_train_job(run: RunInfo) -> Manifest:
     container = _trainer_container(
         run,
         TRAINER_ARGV,
-        resources=_gpu_resources(resources),
+        resources=_trainer_resources(resources),
         mounts=storage.mounts,
         extra_env=_torchrun_env(run),
     )
@@ -143,7 +148,8 @@ def build_train_job(run: RunInfo) -> Manifest:
         container,
         storage.volumes,
         **({"subdomain": run.names.service} if resources.nodes > 1 else {}),
-        **_gpu_placement(resources, run.settings.lost_node_seconds),
+        **_placement(resources, _lost_node_tolerations(run.settings.lost_node_seconds)),
+        **_spread_cpu_pods(run.owner, resources),
     )
     kueue_labels = {} if run.kueue_queue is None else {KUEUE_QUEUE_LABEL: run.kueue_queue}
     job_spec: Manifest = {
@@ -219,7 +225,7 @@ def _ignore_disruptions() -> Manifest:
     return {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
 
 
-# --- GPU placement -------------------------------------------------------------------------------------
+# --- placement ----------------------------------------------------------------------------------------
 
 
 def _lost_node_tolerations(seconds: int) -> list[Manifest]:
@@ -230,27 +236,47 @@ def _lost_node_tolerations(seconds: int) -> list[Manifest]:
     ]
 
 
-def _gpu_placement(resources: Resources, lost_node_seconds: int) -> Manifest:
-    placement: Manifest = {
-        "nodeSelector": {
-            GPU_PRODUCT_LABEL: resources.gpu_product,
-            **dict(sorted(resources.node_selector.items())),
-        },
-        "tolerations": [
-            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-            *_lost_node_tolerations(lost_node_seconds),
-            *(toleration.model_dump(exclude_none=True) for toleration in resources.tolerations),
-        ],
+def _placement(resources: Resources, extra_tolerations: Sequence[Manifest] = ()) -> Manifest:
+    """Nodes of the GPU product asked for, tolerating their GPU taint, plus `extra_tolerations` and the spec's own
+    selector and tolerations. The CPU shape (gpusPerNode 0) has no GPU selector or toleration."""
+    gpu = resources.gpus_per_node > 0
+    node_selector = {
+        **({GPU_PRODUCT_LABEL: resources.gpu_product} if gpu else {}),
+        **dict(sorted(resources.node_selector.items())),
     }
+    tolerations = [
+        *([{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if gpu else []),
+        *extra_tolerations,
+        *(toleration.model_dump(exclude_none=True) for toleration in resources.tolerations),
+    ]
+    placement: Manifest = {}
+    if node_selector:
+        placement["nodeSelector"] = node_selector
+    if tolerations:
+        placement["tolerations"] = tolerations
     if resources.priority_class_name is not None:
         placement["priorityClassName"] = resources.priority_class_name
     return placement
 
 
-def _gpu_resources(resources: Resources) -> Manifest:
-    return _requests_and_limits(
-        {"cpu": resources.cpu, "memory": resources.memory, GPU_RESOURCE: str(resources.gpus_per_node)}
-    )
+def _spread_cpu_pods(owner: Owner, resources: Resources) -> Manifest:
+    """CPU trainer pods prefer a node each, as GPU pods that take a node's GPUs get one; on a cluster with fewer
+    nodes they still run."""
+    if resources.gpus_per_node > 0 or resources.nodes == 1:
+        return {}
+    term = {
+        "labelSelector": {"matchLabels": component_selector(owner.name, Component.TRAINING)},
+        "topologyKey": HOSTNAME_LABEL,
+    }
+    preferred = [{"weight": 100, "podAffinityTerm": term}]
+    return {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": preferred}}}
+
+
+def _trainer_resources(resources: Resources) -> Manifest:
+    amounts = {"cpu": resources.cpu, "memory": resources.memory}
+    if resources.gpus_per_node > 0:
+        amounts[GPU_RESOURCE] = str(resources.gpus_per_node)
+    return _requests_and_limits(amounts)
 
 
 def _requests_and_limits(amounts: Mapping[str, str]) -> Manifest:
@@ -267,7 +293,7 @@ def _torchrun_env(run: RunInfo) -> list[Manifest]:
     master_address = f"{names.train_job}-0.{names.service}" if resources.nodes > 1 else "127.0.0.1"
     return [
         {"name": "NNODES", "value": str(resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(resources.gpus_per_node)},
+        {"name": "NPROC_PER_NODE", "value": str(resources.processes_per_node)},
         {
             "name": "NODE_RANK",
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
@@ -276,7 +302,7 @@ def _torchrun_env(run: RunInfo) -> list[Manifest]:
         {"name": "MASTER_PORT", "value": str(run.settings.master_port)},
         {
             "name": "OMP_NUM_THREADS",
-            "value": str(_threads_per_process(resources.cpu, resources.gpus_per_node)),
+            "value": str(_threads_per_process(resources.cpu, resources.processes_per_node)),
         },
     ]
 

@@ -30,8 +30,10 @@ class WorkQueue:
         concurrency: int = 4,
         max_backoff: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        transient: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._worker = worker
+        self._transient = transient
         self._clock = clock
         self._enqueued_at: dict[Key, float] = {}
         self.last_progress = clock()
@@ -103,11 +105,17 @@ class WorkQueue:
                 requeue = await self._worker(key)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as error:
                 failures = self._failures.get(key, 0) + 1
                 self._failures[key] = failures
                 delay = min(self._max_backoff, 0.5 * 2**failures)
-                log.exception("reconcile of %s/%s failed (attempt %d); retrying in %.1fs", *key, failures, delay)
+                if isinstance(error, self._transient):
+                    # An outage (the API server restarting, a timeout): retried, and not a bug to trace.
+                    log.warning(
+                        "reconcile of %s/%s failed (attempt %d): %s; retrying in %.1fs", *key, failures, error, delay
+                    )
+                else:
+                    log.exception("reconcile of %s/%s failed (attempt %d); retrying in %.1fs", *key, failures, delay)
                 self.add_after(key, delay)
             else:
                 self._failures.pop(key, None)

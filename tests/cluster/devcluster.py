@@ -13,7 +13,8 @@
 `up --audit` (or DEVCLUSTER_AUDIT=1) also writes the API server's audit log (.devcluster/logs/audit.log, the policy in
 AUDIT_POLICY); a healthy cluster without it gets its API server restarted with it, on the same port.
 
-Simulated nodes and pods come from kwok with the stages in kwok-stages.yaml. See README.md next to this file.
+Simulated nodes and pods come from kwok with the stages in kwok-stages.yaml; the pods of the executor nodes
+really run, as host processes, under executor.py. See README.md next to this file.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 GOMOD_DIR = HERE / "gomod"
 STAGES_FILE = HERE / "kwok-stages.yaml"
+EXECUTOR_SCRIPT = HERE / "executor.py"
 
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
@@ -57,7 +59,11 @@ NODE_ANNOTATION_KEY = "kwok.x-k8s.io/node"
 NODE_ANNOTATION_VALUE = "fake"
 KWOK_CRDS = ("logs", "clusterlogs")
 KWOK_CRD_KINDS = ("Logs", "ClusterLogs")
-COMPONENTS_IN_START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+BINARY_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# The executor is a Python script (run with the Python that runs `up`), not a built binary.
+COMPONENTS_IN_START_ORDER = (*BINARY_COMPONENTS, "executor")
+EXECUTOR_LABEL = "devcluster.finetune.dev/executor"
+EXECUTOR_READY_FILE = "ready"
 # kwok renews each simulated node's Lease in kube-node-lease as a kubelet does (every duration / 4), and plays a
 # node's stages, and those of the pods on it, only while it holds that Lease: a Lease taken by another holder is a
 # node whose kubelet stopped (kwokpods.stop_node_heartbeat).
@@ -328,6 +334,7 @@ class Layout:
         self.lock = root / "lock"
         self.kubeconfig = root / "kubeconfig"
         self.pod_logs = root / "pod-logs"
+        self.executor = root / "executor"
         self.audit_policy = root / "audit-policy.yaml"
         self.audit_log = self.logs / "audit.log"
 
@@ -450,7 +457,8 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, exited but not yet reaped, does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -507,7 +515,7 @@ def _wait(what: str, check: Callable[[], bool], *, timeout: float, log_file: Pat
     """Poll `check` until it is true; fail early when the process behind it (logging to `log_file`) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             raise DevClusterError(f"{log_file.stem} exited; last lines of {log_file}:\n{_tail(log_file)}")
         if check():
             return
@@ -553,7 +561,23 @@ def gpu_node_count() -> int:
     return int(os.environ.get("DEVCLUSTER_GPU_NODES", "2"))
 
 
-def node_manifest(name: str, cpu: str, memory: str, gpus: int) -> dict[str, Any]:
+def executor_node_count() -> int:
+    return int(os.environ.get("DEVCLUSTER_EXECUTOR_NODES", "2"))
+
+
+def executor_node_names() -> list[str]:
+    return [f"exec-node-{i}" for i in range(executor_node_count())]
+
+
+def _host_memory() -> str:
+    """This machine's memory as a quantity, from /proc/meminfo."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return f"{line.split()[1]}Ki"
+    raise DevClusterError("no MemTotal in /proc/meminfo")
+
+
+def node_manifest(name: str, cpu: str, memory: str, gpus: int, executor: bool = False) -> dict[str, Any]:
     """A simulated node that kwok manages; with `gpus`, an A40 node (labels, capacity, taint) as on a GPU cluster."""
     resources: dict[str, str] = {"cpu": cpu, "memory": memory, "pods": "110", "ephemeral-storage": "1Ti"}
     labels = {
@@ -568,6 +592,10 @@ def node_manifest(name: str, cpu: str, memory: str, gpus: int) -> dict[str, Any]
         labels["nvidia.com/gpu.product"] = "NVIDIA-A40"
         labels["nvidia.com/gpu.count"] = str(gpus)
         spec["taints"] = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    if executor:
+        # Only pods that ask for an executor node run there for real; everything else stays simulated.
+        labels[EXECUTOR_LABEL] = "true"
+        spec["taints"] = [{"key": EXECUTOR_LABEL, "value": "true", "effect": "NoSchedule"}]
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -594,6 +622,9 @@ def cpu_node_manifest(name: str) -> dict[str, Any]:
 def node_manifests() -> list[dict[str, Any]]:
     nodes = [gpu_node_manifest(f"gpu-node-{i}") for i in range(gpu_node_count())]
     nodes.append(cpu_node_manifest("cpu-node-0"))
+    # Executor nodes offer what this machine has: their pods run on it.
+    host_cpus, host_memory = str(os.cpu_count() or 1), _host_memory()
+    nodes += [node_manifest(name, host_cpus, host_memory, 0, executor=True) for name in executor_node_names()]
     return nodes
 
 
@@ -601,7 +632,7 @@ def node_manifests() -> list[dict[str, Any]]:
 
 
 def _healthy(layout: Layout, state: State) -> bool:
-    if any(not _pid_alive(state.pids.get(name, -1)) for name in COMPONENTS_IN_START_ORDER):
+    if any(not pid_alive(state.pids.get(name, -1)) for name in COMPONENTS_IN_START_ORDER):
         return False
     return _https_ok(f"{state.server}/readyz", layout.pki)
 
@@ -690,7 +721,7 @@ def _start_cluster(layout: Layout, audit: bool) -> State:
     pki = layout.pki
     state = State(
         ports=_free_ports(("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")),
-        binaries={name: str(binary(name)) for name in (*COMPONENTS_IN_START_ORDER, "kubectl")},
+        binaries={name: str(binary(name)) for name in (*BINARY_COMPONENTS, "kubectl")},
         audit=audit,
         started_at=time.time(),
     )
@@ -859,6 +890,27 @@ def _start_cluster(layout: Layout, audit: bool) -> State:
         log_file=layout.log_file("kube-controller-manager"),
         pid=state.pids["kube-controller-manager"],
     )
+
+    state.pids["executor"] = _start(
+        layout,
+        "executor",
+        [
+            sys.executable,
+            str(EXECUTOR_SCRIPT),
+            f"--kubeconfig={layout.kubeconfig}",
+            f"--state-dir={layout.executor}",
+            f"--pod-log-dir={layout.pod_logs}",
+            f"--nodes={','.join(executor_node_names())}",
+        ],
+    )
+    state.save(layout.state)
+    _wait(
+        "executor",
+        (layout.executor / EXECUTOR_READY_FILE).exists,
+        timeout=60,
+        log_file=layout.log_file("executor"),
+        pid=state.pids["executor"],
+    )
     return state
 
 
@@ -891,7 +943,7 @@ def _restart_locked(layout: Layout, state: State, component: str) -> None:
         known = ", ".join(state.commands) or "none: the cluster was started by an older devcluster.py; run down, up"
         raise DevClusterError(f"cannot restart {component!r}; restartable components: {known}")
     pid = state.pids.get(component, -1)
-    if _pid_alive(pid) and _ours(pid, layout.root):
+    if pid_alive(pid) and _ours(pid, layout.root):
         _stop([pid])
     _launch(layout, state, component, state.commands[component])
     _wait(
@@ -912,15 +964,42 @@ def _default_service_account_exists(layout: Layout) -> bool:
     return True
 
 
+def _component_name(cmdline: Sequence[str]) -> str | None:
+    """Which cluster component a command line runs, if any."""
+    if not cmdline:
+        return None
+    if Path(cmdline[0]).name in BINARY_COMPONENTS:
+        return Path(cmdline[0]).name
+    if len(cmdline) > 1 and Path(cmdline[1]).name == EXECUTOR_SCRIPT.name:
+        return "executor"
+    return None
+
+
 def _stray_pids(root: Path) -> list[int]:
     """Processes of this checkout's cluster that the state file may not know about."""
     me = os.getpid()
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != me and _pid_alive(int(entry.name)):
-            cmdline = _pid_cmdline(int(entry.name))
-            if cmdline and Path(cmdline[0]).name in COMPONENTS_IN_START_ORDER and _ours(int(entry.name), root):
-                found.append(int(entry.name))
+        if not entry.name.isdigit() or int(entry.name) == me or not pid_alive(int(entry.name)):
+            continue
+        if _component_name(_pid_cmdline(int(entry.name))) and _ours(int(entry.name), root):
+            found.append(int(entry.name))
+    return found
+
+
+def _executor_pod_pids(executor_dir: Path) -> list[int]:
+    """Processes of executor pods, found by their working directory (under the pod's directory): what an
+    executor that did not stop cleanly left behind."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd.is_relative_to(executor_dir) and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
     return found
 
 
@@ -934,17 +1013,17 @@ def down() -> None:
 
 
 # Clients first, then the API server, then its store: each stops cleanly while what it talks to is still up.
-STOP_ORDER = (("kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
+STOP_ORDER = (("executor", "kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
 
 
 def _stop(pids: Sequence[int], grace: float = 10.0) -> None:
     """SIGTERM the process groups, SIGKILL what is left after `grace` seconds; wait until they are gone."""
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        alive = [pid for pid in pids if _pid_alive(pid)]
+        alive = [pid for pid in pids if pid_alive(pid)]
         for pid in alive:
             _signal_group(pid, signum)
         deadline = time.monotonic() + wait
-        while any(_pid_alive(pid) for pid in alive) and time.monotonic() < deadline:
+        while any(pid_alive(pid) for pid in alive) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 
@@ -952,11 +1031,12 @@ def _down_locked(layout: Layout) -> None:
     state = State.load(layout.state)
     running: dict[int, str] = {}
     if state is not None:
-        running = {pid: name for name, pid in state.pids.items() if _pid_alive(pid) and _ours(pid, layout.root)}
+        running = {pid: name for name, pid in state.pids.items() if pid_alive(pid) and _ours(pid, layout.root)}
     for pid in _stray_pids(layout.root):
-        running.setdefault(pid, Path(_pid_cmdline(pid)[0]).name)
+        running.setdefault(pid, _component_name(_pid_cmdline(pid)) or "")
     for tier in STOP_ORDER:
         _stop([pid for pid, name in running.items() if name in tier])
+    _stop(_executor_pod_pids(layout.executor), grace=0)
     # An exited process stays a zombie until init reaps it; give it a moment so that no `pgrep` still sees it.
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in running) and time.monotonic() < deadline:
@@ -968,7 +1048,7 @@ def _down_locked(layout: Layout) -> None:
                 busy = [name for name, port in state.ports.items() if _port_open(port)]
                 raise DevClusterError(f"ports still in use after stopping the cluster: {busy}")
             time.sleep(0.2)
-    for path in (layout.etcd_data, layout.pod_logs):
+    for path in (layout.etcd_data, layout.pod_logs, layout.executor):
         if path.exists():
             shutil.rmtree(path)
     layout.state.unlink(missing_ok=True)
@@ -993,7 +1073,7 @@ def status() -> bool:
         return False
     for name in COMPONENTS_IN_START_ORDER:
         pid = state.pids.get(name, -1)
-        log(f"{name:<24} pid {pid:<8} {'running' if _pid_alive(pid) else 'NOT RUNNING'}")
+        log(f"{name:<24} pid {pid:<8} {'running' if pid_alive(pid) else 'NOT RUNNING'}")
     healthy = _healthy(layout, state)
     log(f"{state.server} {'healthy' if healthy else 'UNHEALTHY'}; KUBECONFIG={layout.kubeconfig}")
     return healthy

@@ -235,11 +235,12 @@ def register_pod_logs(
     *,
     containers: Iterable[str] = (),
     previous_log_file: Path | None = None,
+    owner_uid: str | None = None,
 ) -> PodLogs:
     """Create (or replace) the kwok `Logs` object that serves `log_file` for the pod; returns a writer for it.
 
     The file is created empty when missing. kwok needs a moment to see a new `Logs` object, so read the logs
-    with a retry (see `wait_for`).
+    with a retry (see `wait_for`). With the pod's `owner_uid`, the object goes when the pod goes.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.touch()
@@ -249,10 +250,13 @@ def register_pod_logs(
     if previous_log_file is not None:
         previous_log_file.touch()
         entry["previousLogsFile"] = str(previous_log_file)
+    metadata: dict[str, Any] = {"name": pod, "namespace": namespace}
+    if owner_uid is not None:
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": owner_uid}]
     body = {
         "apiVersion": f"{KWOK_GROUP}/{KWOK_VERSION}",
         "kind": "Logs",
-        "metadata": {"name": pod, "namespace": namespace},
+        "metadata": metadata,
         "spec": {"logs": [entry]},
     }
     custom = client.CustomObjectsApi(api)
@@ -261,7 +265,9 @@ def register_pod_logs(
     except ApiException as error:
         if error.status != 409:
             raise
-        custom.patch_namespaced_custom_object(KWOK_GROUP, KWOK_VERSION, namespace, "logs", pod, {"spec": body["spec"]})
+        # A pod of the same name that came before owned the old object: the new pod owns it now.
+        changes = {"spec": body["spec"], **({"metadata": metadata} if owner_uid is not None else {})}
+        custom.patch_namespaced_custom_object(KWOK_GROUP, KWOK_VERSION, namespace, "logs", pod, changes)
     return PodLogs(log_file)
 
 

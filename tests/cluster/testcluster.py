@@ -44,13 +44,15 @@ class DevCluster:
     # kwok serves pod logs from files; tests write them under here
     pod_log_dir: Path
     kubectl: Path
+    # the executor's per-pod directories (executor.pod_process_id finds a pod's process there)
+    executor_dir: Path
     # the API server's audit log (`devcluster.py up --audit`); None when it does not write one
     audit_log: Path | None = None
 
     def kubectl_run(
         self, *args: str, stdin: str | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        """Run kubectl against the cluster; raises DevClusterFailed (with kubectl's message) on failure."""
+        """Run kubectl against the cluster (with `stdin` as its input); raises DevClusterFailed with its message."""
         result = subprocess.run(
             [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
             input=stdin,
@@ -194,6 +196,7 @@ def running_cluster(*, stop_if_started: bool = True, audit: bool = False) -> Ite
             api=api,
             pod_log_dir=layout.pod_logs,
             kubectl=Path(state.binaries["kubectl"]),
+            executor_dir=layout.executor,
             audit_log=layout.audit_log if state.audit else None,
         )
     finally:

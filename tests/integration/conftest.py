@@ -8,7 +8,9 @@
   returns a `kwokpods.PodLogs` writer; `kubectl logs` (also `-f`) of the pod returns what is written.
 - `cluster`: the FineTuneJob CRD installed and every pod of the namespace serving one log file, which the test
   writes as the trainer would (a `finetune_harness.Cluster`);
-- `operator`: `finetune-operator run` watching the namespace, as a real process.
+- `operator`: `finetune-operator run` watching the namespace, as a real process, as `operator_identity`: the
+  admin, or (parametrized indirectly) the Helm chart's ServiceAccount with only the chart's RBAC, in which case
+  the test fails when the API server refused the operator anything.
 """
 
 from __future__ import annotations
@@ -19,11 +21,30 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from finetune_harness import Cluster, OperatorProcess, install_crd
-from kwokpods import PodLogs, PodLogsFactory, register_namespace_logs, register_pod_logs
-from testcluster import DevCluster, DevClusterFailed, create_namespace, delete_namespace, running_cluster
+from finetune_harness import (
+    ADMIN,
+    Cluster,
+    OperatorIdentity,
+    OperatorProcess,
+    TokenNotSent,
+    chart_service_account,
+    install_crd,
+    permission_errors,
+)
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kwokpods import (
+    PodLogs,
+    PodLogsFactory,
+    register_namespace_logs,
+    register_pod_logs,
+    unregister_namespace_logs,
+    wait_for,
+)
+from testcluster import DevCluster, DevClusterFailed, running_cluster
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +64,30 @@ def _namespace_name(test_name: str) -> str:
 @pytest.fixture
 def namespace(devcluster: DevCluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace whose default ServiceAccount exists; deleted (and waited for) after the test."""
-    name = create_namespace(
-        devcluster.api, _namespace_name(request.node.name), labels={"devcluster.finetune.dev/test": "true"}
+    core: Any = client.CoreV1Api(devcluster.api)
+    name = _namespace_name(request.node.name)
+    core.create_namespace({"metadata": {"name": name, "labels": {"devcluster.finetune.dev/test": "true"}}})
+    wait_for(
+        lambda: core.read_namespaced_service_account("default", name),
+        timeout=60,
+        description=f"the default ServiceAccount in {name}",
     )
     yield name
-    delete_namespace(devcluster.api, name)
+    # Pods go first and at once (grace period 0), so that one test's pods never hold simulated GPUs that the
+    # next test asks for; the namespace controller then removes the rest in the background.
+    core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+    unregister_namespace_logs(devcluster.api, name)
+    try:
+        core.delete_namespace(name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    wait_for(
+        lambda: not core.list_namespaced_pod(name).items,
+        timeout=120,
+        interval=0.5,
+        description=f"the pods of namespace {name} to be deleted",
+    )
 
 
 @pytest.fixture
@@ -75,9 +115,29 @@ def cluster(devcluster: DevCluster, namespace: str) -> Cluster:
 
 
 @pytest.fixture
-def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
+def operator_identity(
+    request: pytest.FixtureRequest, devcluster: DevCluster, namespace: str, tmp_path: Path
+) -> Iterator[OperatorIdentity]:
+    """Who `operator` runs as: the admin, unless a test asks for the chart's ServiceAccount with
+    `@pytest.mark.parametrize("operator_identity", [ADMIN, CHART_SERVICE_ACCOUNT], indirect=True)`."""
+    name = getattr(request, "param", ADMIN)
+    if name == ADMIN:
+        yield OperatorIdentity(ADMIN, devcluster.kubeconfig, devcluster.api)
+        return
+    try:
+        with chart_service_account(devcluster, namespace, tmp_path / "operator.kubeconfig") as identity:
+            yield identity
+    except TokenNotSent as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def operator(operator_identity: OperatorIdentity, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(namespace, operator_identity.kubeconfig, tmp_path / "operator.log")
     process.start()
     yield process
     process.stop()
     sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
+    if operator_identity.service_account is not None:
+        refused = permission_errors(process.log_path)
+        assert refused == [], f"the API server refused the chart's ServiceAccount: {refused[:5]}"

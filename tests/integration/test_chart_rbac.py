@@ -2,28 +2,29 @@
 
 `helm template` renders the chart with the test's namespace as both the release namespace and the one watched;
 its ServiceAccount, Roles and bindings are applied; a token for that ServiceAccount (TokenRequest API) goes into
-a kubeconfig of its own, and the operator process runs with that kubeconfig. A FineTuneJob driven through
-validation, training, progress, success and its TTL, and another through suspend and cancel, then proves that
-each API call the operator makes is allowed; access reviews prove what stays forbidden.
+a kubeconfig of its own, and the operator process runs with that kubeconfig (the `operator_identity` fixture,
+finetune_harness.chart_service_account). The scenarios of test_operator.py that run both as the admin and as this
+ServiceAccount (success with progress and its TTL, suspend and resume, cancel) prove that each API call the
+operator makes is allowed; here access reviews prove what stays forbidden, and the Replicate API is served.
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from finetune_harness import DESTINATION, Cluster, OperatorProcess, install_crd, trainer_log_lines
-from helmchart import helm_binary, render_chart_text
+from finetune_harness import (
+    CHART_SERVICE_ACCOUNT,
+    Cluster,
+    OperatorIdentity,
+    OperatorProcess,
+    kubectl,
+    permission_errors,
+)
+from helmchart import render_chart_text
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-from kwokpods import register_namespace_logs, terminate_pod, wait_for
-from operatorprocess import install_operator_identity, remove_operator_identity
+from kwokpods import wait_for
 from replicate.client import Client
 from replicate_harness import (
     LOOPBACK_WEBHOOKS,
@@ -35,95 +36,12 @@ from replicate_harness import (
     service_account_token,
     wait_until_serving,
 )
-from testcluster import DevCluster, free_port, new_api_client
+from testcluster import DevCluster, free_port
 
-from finetune_contract.protocol import (
-    OutputEvent,
-    OutputFile,
-    termination_message,
-)
+pytestmark = pytest.mark.integration
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(helm_binary() is None, reason="no helm binary: run `make cluster-binaries`"),
-]
-
-TOTAL_STEPS = 6
-OUTPUT = OutputEvent(
-    weights=f"{DESTINATION}/chart-rbac/",
-    files=[OutputFile(path="adapter_model.safetensors", size=16_801_880, sha256="c" * 64)],
-    metrics={"train_loss": 1.1},
-)
-
-
-@dataclass(frozen=True)
-class ChartIdentity:
-    """The chart's RBAC applied in a test namespace, and a kubeconfig that authenticates as its ServiceAccount."""
-
-    namespace: str
-    service_account: str
-    kubeconfig: Path
-    api: client.ApiClient
-
-
-def kubectl(devcluster: DevCluster, *args: str, stdin: str) -> str:
-    result = subprocess.run(
-        [str(devcluster.kubectl), f"--kubeconfig={devcluster.kubeconfig}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-def _fail_unless_the_token_is_sent(api: client.ApiClient) -> None:
-    try:
-        client.AuthenticationV1Api(api).create_self_subject_review(
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
-        )
-    except ApiException as error:
-        if error.status in (401, 403) and "system:anonymous" in str(error.body):
-            pytest.fail(
-                "the kubernetes client sent no bearer token, so the operator would act as system:anonymous: "
-                "kubernetes==36.0.0/36.0.1 drop it (kubernetes-client/python#2582); use kubernetes>=36.0.2",
-                pytrace=False,
-            )
-        raise
-
-
-@pytest.fixture
-def chart_identity(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[ChartIdentity]:
-    install_crd(devcluster.api)
-    # With the Replicate API on: its rights are the most the chart grants.
-    identity = install_operator_identity(
-        devcluster, namespace, tmp_path / "operator.kubeconfig", values={"api": {"enabled": True}}
-    )
-    api = new_api_client(identity.kubeconfig)
-    try:
-        _fail_unless_the_token_is_sent(api)
-        yield ChartIdentity(namespace, identity.service_account, identity.kubeconfig, api)
-    finally:
-        closing: Any = api
-        closing.close()
-        remove_operator_identity(devcluster, identity)
-
-
-@pytest.fixture
-def cluster(devcluster: DevCluster, namespace: str, chart_identity: ChartIdentity) -> Cluster:
-    logs = register_namespace_logs(devcluster.api, namespace, devcluster.pod_log_file(namespace, "all-pods"))
-    return Cluster(devcluster, namespace, logs)
-
-
-@pytest.fixture
-def operator(chart_identity: ChartIdentity, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(chart_identity.namespace, chart_identity.kubeconfig, tmp_path / "operator.log")
-    process.start()
-    yield process
-    process.stop()
-    sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
+# These tests run with the operator's identity set to the chart's ServiceAccount.
+AS_CHART_SERVICE_ACCOUNT = pytest.mark.parametrize("operator_identity", [CHART_SERVICE_ACCOUNT], indirect=True)
 
 
 def allowed(api: client.ApiClient, verb: str, resource: str, namespace: str | None = None, **more: str) -> bool:
@@ -141,24 +59,23 @@ def allowed(api: client.ApiClient, verb: str, resource: str, namespace: str | No
     return bool(review.status.allowed)
 
 
-def permission_errors(log_path: Path) -> list[str]:
-    pattern = re.compile(r"forbidden|\b403\b|not enough permissions|unauthorized|\b401\b", re.IGNORECASE)
-    return [line for line in log_path.read_text().splitlines() if pattern.search(line)]
-
-
-def test_operator_token_is_the_chart_service_account_and_not_an_admin(chart_identity: ChartIdentity) -> None:
-    review = client.AuthenticationV1Api(chart_identity.api).create_self_subject_review(
+@AS_CHART_SERVICE_ACCOUNT
+def test_operator_token_is_the_chart_service_account_and_not_an_admin(
+    namespace: str, operator_identity: OperatorIdentity
+) -> None:
+    review = client.AuthenticationV1Api(operator_identity.api).create_self_subject_review(
         {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
     )
-    expected = f"system:serviceaccount:{chart_identity.namespace}:{chart_identity.service_account}"
+    expected = f"system:serviceaccount:{namespace}:{operator_identity.service_account}"
     assert review.status.user_info.username == expected
     assert "system:masters" not in (review.status.user_info.groups or [])
 
 
+@AS_CHART_SERVICE_ACCOUNT
 def test_chart_service_account_cannot_touch_secrets_or_namespaces_or_other_namespaces(
-    chart_identity: ChartIdentity,
+    namespace: str, operator_identity: OperatorIdentity
 ) -> None:
-    api, namespace = chart_identity.api, chart_identity.namespace
+    api = operator_identity.api
     for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
         assert not allowed(api, verb, "secrets", namespace), f"{verb} secrets in its namespace"
         assert not allowed(api, verb, "secrets"), f"{verb} secrets cluster-wide"
@@ -180,64 +97,6 @@ def test_chart_service_account_cannot_touch_secrets_or_namespaces_or_other_names
     assert allowed(api, "create", "subjectaccessreviews", group="authorization.k8s.io")
 
 
-def test_operator_with_the_chart_rbac_runs_a_job_to_success_and_deletes_it_after_its_ttl(
-    cluster: Cluster, operator: OperatorProcess
-) -> None:
-    name = cluster.apply_example("finetunejob.yaml", name="chart-rbac", ttlSecondsAfterFinished=3)
-    cluster.wait_phase(name, "Validating")
-    cluster.pass_validation(name)
-    running = cluster.wait_phase(name, "Running")
-    assert running["resolved"]["trainRows"] == 950
-    pod = cluster.wait_pod(name, "training")
-
-    lines = trainer_log_lines(TOTAL_STEPS, sample=("Who am I?", "The chart's ServiceAccount."))
-    cluster.logs.write("Loading checkpoint shards: 100%|##########| 2/2", *lines)
-    progressed = cluster.wait_status(
-        name, lambda s: s.get("progress", {}).get("step") == TOTAL_STEPS, "progress from the followed pod log"
-    )
-    assert progressed["progress"]["percent"] == 100
-    assert progressed["progress"]["evalLoss"] == 1.2
-    assert progressed["validationSamples"][0]["completion"] == "The chart's ServiceAccount."
-    assert progressed["logs"].endswith(lines[-1])
-
-    terminate_pod(cluster.api, cluster.namespace, pod, 0, message=termination_message(OUTPUT))
-    done = cluster.wait_phase(name, "Succeeded")
-    assert done["output"]["weights"] == OUTPUT.weights
-    assert done["output"]["files"][0]["sha256"] == "c" * 64
-    assert {"ValidatingData", "TrainingRunning", "TrainingSucceeded"} <= cluster.event_reasons(name)
-
-    wait_for(
-        lambda: cluster.is_gone(name), timeout=60, description="the operator to delete the FineTuneJob after its TTL"
-    )
-    assert permission_errors(operator.log_path) == []
-
-
-def test_operator_with_the_chart_rbac_suspends_resumes_and_cancels_a_job(
-    cluster: Cluster, operator: OperatorProcess
-) -> None:
-    name = cluster.apply_example("finetunejob.yaml", name="chart-rbac-cancel")
-    cluster.pass_validation(name)
-    first = cluster.wait_pod(name, "training")
-    cluster.wait_phase(name, "Running")
-    cluster.patch_spec(name, suspend=True)
-    cluster.wait_phase(name, "Suspended")
-    assert cluster.batch.read_namespaced_job(f"{name}-train", cluster.namespace).spec.suspend is True
-    cluster.patch_spec(name, suspend=False)
-    cluster.wait_pod(name, "training", exclude=frozenset({first}))
-    cluster.wait_phase(name, "Running")
-
-    cluster.patch_spec(name, cancel=True)
-    cluster.wait_phase(name, "Canceled")
-    wait_for(lambda: not cluster.jobs(name), timeout=60, description="the operator to delete the Jobs")
-    selector = f"finetune.dev/job-name={name}"
-    wait_for(
-        lambda: not cluster.core.list_namespaced_config_map(cluster.namespace, label_selector=selector).items,
-        timeout=60,
-        description="the operator to delete the input ConfigMap",
-    )
-    assert permission_errors(operator.log_path) == []
-
-
 def test_every_rendered_manifest_is_accepted_by_the_api_server(devcluster: DevCluster, namespace: str) -> None:
     for values in (
         {},
@@ -250,8 +109,9 @@ def test_every_rendered_manifest_is_accepted_by_the_api_server(devcluster: DevCl
         assert "(server dry run)" in out
 
 
+@AS_CHART_SERVICE_ACCOUNT
 def test_namespace_editors_manage_finetunejobs_and_viewers_read_them(
-    devcluster: DevCluster, namespace: str, chart_identity: ChartIdentity
+    devcluster: DevCluster, namespace: str, operator_identity: OperatorIdentity
 ) -> None:
     rbac = client.RbacAuthorizationV1Api(devcluster.api)
     for user, role in (("alice", "edit"), ("bob", "view")):
@@ -293,13 +153,14 @@ def test_namespace_editors_manage_finetunejobs_and_viewers_read_them(
     assert not may("bob", "delete")
 
 
+@AS_CHART_SERVICE_ACCOUNT
 def test_operator_with_the_chart_rbac_serves_the_replicate_api_and_signs_webhooks(
-    cluster: Cluster, chart_identity: ChartIdentity, tmp_path: Path
+    cluster: Cluster, operator_identity: OperatorIdentity, tmp_path: Path
 ) -> None:
     api_port = free_port()
     process = OperatorProcess(
-        chart_identity.namespace,
-        chart_identity.kubeconfig,
+        cluster.namespace,
+        operator_identity.kubeconfig,
         tmp_path / "operator.log",
         args=("--api-listen", f"127.0.0.1:{api_port}"),
         env=LOOPBACK_WEBHOOKS,

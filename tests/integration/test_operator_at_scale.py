@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 from bench_operator import NODE_POOL, format_table, run_size
 from chaos import ChaosOptions, run_chaos
-from helmchart import helm_binary
 from simtrainer import TrainerTiming
 from testcluster import DevCluster, install_crds, remove_nodes, with_audit_log
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(helm_binary() is None, reason="no helm binary: run `make cluster-binaries`"),
-]
+pytestmark = pytest.mark.integration
 
 # The benchmark's bound on the state machine's status writes over one FineTuneJob's life (progress apart).
 MOST_STATUS_WRITES_PER_LIFECYCLE = 8

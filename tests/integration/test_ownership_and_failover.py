@@ -247,9 +247,10 @@ def test_two_thousand_unrelated_pods_cost_the_operator_no_memory_and_no_reconcil
     operator = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
     operator.start()
     try:
-        cluster.create("llama", SPEC)
-        cluster.wait_phase("llama", "Validating")
-        wait_for(lambda: reconciles(operator) > 0, timeout=30, description="the operator to reconcile")
+        # A job that has finished (here at once: no weights for its model) has nothing left to look at: every
+        # reconcile from now on is one something caused.
+        cluster.create("llama", {**SPEC, "model": {"name": "example/unknown-model"}})
+        cluster.wait_phase("llama", "Failed")
         settled = reconciles(operator)
         assert operator.process is not None
         before = rss_bytes(operator.process.pid)
@@ -274,8 +275,8 @@ def test_two_thousand_unrelated_pods_cost_the_operator_no_memory_and_no_reconcil
         cluster.wait_status("llama", lambda s: s.get("observedGeneration") == 2, "the operator to see the change")
         after = rss_bytes(operator.process.pid)
         assert after - before < 10 * 1024 * 1024, f"RSS grew by {(after - before) / 2**20:.1f} MiB"
-        # The spec change is the only news: a reconcile or two for it, none for 2,000 pods.
-        assert reconciles(operator) - settled <= 3
+        # The spec change is the only news: its reconcile, and one for the status it wrote; none for 2,000 pods.
+        assert reconciles(operator) - settled <= 2
     finally:
         operator.stop()
         cluster.core.delete_collection_namespaced_pod(namespace, label_selector="app=web", grace_period_seconds=0)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Llama with a tokenizer trained on the test data, data files, and trainer configs."""
+"""Shared fixtures: a tiny Llama with a tokenizer trained on the test data, data files, trainer configs, the one
+way to train in this process, and an S3-compatible server."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from s3server import S3ServerFailed, s3_server
 
 from finetune_contract.protocol import Event, parse_line
 
@@ -140,3 +144,79 @@ def _isolated_termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class TrainerRun:
+    """A training run in this process: what `finetune_trainer.train.run` returned, its events, its termination."""
+
+    result: Any
+    events: list[Event]
+    termination: str
+    destination: Path
+
+    def of(self, kind: type[Event]) -> list[Any]:
+        """The events of one kind, in order."""
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+def train_in_process(config: dict[str, Any], workdir: Path) -> TrainerRun:
+    """`finetune-trainer worker` in this process (no interpreter or torch start-up): the one way tests train."""
+    from finetune_contract.trainer_config import TrainerConfig
+    from finetune_trainer.train import run
+
+    termination_log = workdir / "termination-log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_TERMINATION_LOG", str(termination_log))
+        buffer = io.StringIO()
+        with redirect_stdout(buffer):
+            result = run(TrainerConfig.model_validate(config), workdir / "work")
+    return TrainerRun(result, events_in(buffer.getvalue()), termination_log.read_text(), Path(config["destination"]))
+
+
+def build_tiny_trainer(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    rows: list[dict[str, str]],
+    attention: str = "sdpa",
+    checkpointing: Any = None,
+    **inputs: Any,
+) -> Any:
+    """The SFTTrainer the worker builds for these rows and inputs (and activation checkpointing plan), on the tiny
+    Llama, without training."""
+    from datasets import Dataset
+
+    from finetune_contract.trainer_config import TrainerConfig
+    from finetune_trainer.model import load_base_model, load_tokenizer
+    from finetune_trainer.train import build_trainer
+
+    config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out", **inputs))
+    model = load_base_model(tiny_model_dir, config.input, 0, attention)
+    return build_trainer(
+        config.input,
+        Dataset.from_list(rows),
+        None,
+        model,
+        load_tokenizer(tiny_model_dir),
+        output_dir=tmp_path,
+        callbacks=[],
+        checkpointing=checkpointing,
+    )
+
+
+def adapter_weights(directory: Path) -> dict[str, Any]:
+    """The tensors of the adapter saved in `directory`."""
+    from safetensors.torch import load_file
+
+    return dict(load_file(directory / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3-compatible server (moto) on loopback for the session; its URL."""
+    try:
+        with s3_server() as endpoint:
+            yield endpoint
+    except S3ServerFailed as error:
+        pytest.fail(str(error))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config, write_jsonl
 
+from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config, write_jsonl
 from finetune_contract.batching import plan_batches
 from finetune_contract.protocol import OutputEvent, StartEvent
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import events_in, learnable_rows, run_cli, trainer_config, write_config, write_jsonl
 
+from conftest import events_in, learnable_rows, run_cli, trainer_config, write_config, write_jsonl
 from finetune_contract.batching import plan_batches
 from finetune_contract.inputs import TrainingInput
 from finetune_contract.protocol import EXIT_USER_ERROR, ErrorEvent, StartEvent, parse_line

@@ -49,31 +49,18 @@ def test_the_operator_setting_forces_the_plan(
 
 
 def test_the_trainer_checkpoints_the_layers_the_plan_names(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from conftest import learnable_rows, trainer_config
-    from datasets import Dataset
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from finetune_contract.trainer_config import TrainerConfig
+    from conftest import build_tiny_trainer, learnable_rows
     from finetune_trainer.memory import ModelShape
-    from finetune_trainer.model import load_base_model, load_tokenizer, read_model_config
-    from finetune_trainer.train import build_trainer
+    from finetune_trainer.model import read_model_config
 
-    config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out"))
     shape = ModelShape.of(read_model_config(tiny_model_dir))
     assert shape.layers == 2
     plan = plan_checkpointing(
         shape, device_bytes=2**34, micro_batch=4, chunk_size=64, quantized=False, lora_rank=8, choice=2
     )
-    trainer = build_trainer(
-        config.input,
-        Dataset.from_list(learnable_rows(8)),
-        None,
-        load_base_model(tiny_model_dir, config.input, 0),
-        load_tokenizer(tiny_model_dir),
-        output_dir=tmp_path,
-        callbacks=[],
-        checkpointing=plan,
-    )
+    trainer = build_tiny_trainer(tiny_model_dir, tmp_path, learnable_rows(8), checkpointing=plan)
     trainer.args.max_steps = 1
     trainer.train()
     layers = [module for module in trainer.model.modules() if isinstance(module, GradientCheckpointingLayer)]

@@ -7,33 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
 
+from conftest import (
+    build_tiny_trainer,
+    events_in,
+    learnable_rows,
+    run_cli,
+    text_rows,
+    trainer_config,
+    write_config,
+    write_jsonl,
+)
 from finetune_contract.protocol import OutputEvent, ProgressEvent
-from finetune_contract.trainer_config import TrainerConfig
 
 pytestmark = pytest.mark.trainer
-
-
-def _trainer(
-    tiny_model_dir: Path, tmp_path: Path, rows: list[dict[str, str]], attention: str = "sdpa", **inputs: Any
-) -> Any:
-    from datasets import Dataset
-
-    from finetune_trainer.model import load_base_model, load_tokenizer
-    from finetune_trainer.train import build_trainer
-
-    config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out", **inputs))
-    model = load_base_model(tiny_model_dir, config.input, 0, attention)
-    return build_trainer(
-        config.input,
-        Dataset.from_list(rows),
-        None,
-        model,
-        load_tokenizer(tiny_model_dir),
-        output_dir=tmp_path,
-        callbacks=[],
-    )
 
 
 def per_document_varlen_attention(
@@ -71,7 +58,9 @@ def test_packed_examples_give_the_same_logits_as_each_example_alone(
 
     if attention == "varlen":
         monkeypatch.setattr(varlen, "varlen_attn", per_document_varlen_attention)
-    trainer = _trainer(tiny_model_dir, tmp_path, learnable_rows(16), attention, pack_sequences=True, chunk_size=64)
+    trainer = build_tiny_trainer(
+        tiny_model_dir, tmp_path, learnable_rows(16), attention, pack_sequences=True, chunk_size=64
+    )
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     assert input_ids.shape[0] == 1
@@ -97,7 +86,7 @@ def test_packing_splits_a_row_longer_than_chunk_size_and_keeps_every_token(
 ) -> None:
     chunk = 16
     rows = text_rows(24)
-    trainer = _trainer(tiny_model_dir, tmp_path, rows, pack_sequences=True, chunk_size=chunk)
+    trainer = build_tiny_trainer(tiny_model_dir, tmp_path, rows, pack_sequences=True, chunk_size=chunk)
     tokenizer = trainer.processing_class
     lengths = [len(tokenizer(row["text"] + tokenizer.eos_token)["input_ids"]) for row in rows]
     assert max(lengths) > chunk, "the data must hold rows longer than the chunk"
@@ -108,7 +97,7 @@ def test_packing_splits_a_row_longer_than_chunk_size_and_keeps_every_token(
 
 def test_wrapped_packing_yields_constant_length_sequences(tiny_model_dir: Path, tmp_path: Path) -> None:
     chunk = 32
-    trainer = _trainer(
+    trainer = build_tiny_trainer(
         tiny_model_dir, tmp_path, text_rows(24), pack_sequences=True, wrap_packed_sequences=True, chunk_size=chunk
     )
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]

@@ -1,5 +1,6 @@
 """S3: data in and adapter out through a real S3-compatible server (moto_server on loopback), and resuming:
-a trainer killed after epoch 1 restarts from the epoch-1 checkpoint at the destination, not from the start."""
+a trainer killed after epoch 1 restarts from that checkpoint at the destination, not from the start; a checkpoint
+of other inputs is never resumed."""
 
 from __future__ import annotations
 
@@ -8,28 +9,17 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
-from s3server import S3ServerFailed, s3_server
 
+from conftest import events_in, learnable_rows, start_trainer, trainer_config, trainer_env, write_config
 from finetune_contract.protocol import CheckpointEvent, OutputEvent, ProgressEvent, StartEvent, parse_line
 
 pytestmark = pytest.mark.trainer
 
 BUCKET = "finetunes"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    try:
-        with s3_server() as endpoint:
-            yield endpoint
-    except S3ServerFailed as error:
-        pytest.fail(str(error))
 
 
 @pytest.fixture
@@ -75,12 +65,13 @@ def test_killed_trainer_resumes_from_the_s3_checkpoint_and_uploads_the_adapter(
     first.send_signal(signal.SIGKILL)  # the pod dies right after epoch 1
     first.wait(timeout=60)
     steps_per_epoch = next(e for e in events_in("".join(before)) if isinstance(e, StartEvent)).total_steps // 2
-    assert s3.exists(f"{BUCKET}/jobs/default/resume/checkpoints/epoch-1/COMPLETE")
+    checkpoint = f"{destination}/checkpoints/step-{steps_per_epoch}"
+    assert s3.exists(f"{checkpoint}/COMPLETE".removeprefix("s3://"))
 
     second = start_trainer(config_path, tmp_path, env)  # the restarted pod: same command, same workdir volume
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-4000:]
-    assert f"resuming from the epoch 1 checkpoint at {destination}/checkpoints/epoch-1" in out
+    assert f"resuming from the step {steps_per_epoch} checkpoint at {checkpoint}" in out
     events = events_in(out)
     steps = [event.step for event in events if isinstance(event, ProgressEvent)]
     assert steps == list(range(steps_per_epoch + 1, 2 * steps_per_epoch + 1))  # epoch 2 only
@@ -93,4 +84,7 @@ def test_killed_trainer_resumes_from_the_s3_checkpoint_and_uploads_the_adapter(
         content = s3.cat_file(f"{BUCKET}/jobs/default/resume/{file.path}")
         assert (len(content), hashlib.sha256(content).hexdigest()) == (file.size, file.sha256)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {file.path for file in output.files}
+    # The manifest is published last and names exactly the files the output event reports.
+    manifest = json.loads(s3.cat_file(f"{BUCKET}/jobs/default/resume/manifest.json"))
+    assert manifest["files"] == [file.model_dump() for file in output.files]
     assert os.path.getsize(tmp_path / "termination-log") <= 4096

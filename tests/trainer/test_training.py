@@ -3,67 +3,49 @@ and its saved adapter reloads with PEFT to the same model."""
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import events_in, learnable_rows, text_rows, trainer_config, write_jsonl
 
+from conftest import (
+    TrainerRun,
+    build_tiny_trainer,
+    learnable_rows,
+    text_rows,
+    train_in_process,
+    trainer_config,
+    write_jsonl,
+)
 from finetune_contract.protocol import (
     CheckpointEvent,
     EvalEvent,
-    Event,
     OutputEvent,
     ProgressEvent,
     SampleEvent,
     StartEvent,
     parse_termination_message,
 )
-from finetune_contract.trainer_config import TrainerConfig
 
 pytestmark = pytest.mark.trainer
 
 
-class Run:
-    def __init__(self, result: Any, events: list[Event], destination: Path, termination: str) -> None:
-        self.result = result
-        self.events = events
-        self.destination = destination
-        self.termination = termination
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [event for event in self.events if isinstance(event, kind)]
-
-
 @pytest.fixture(scope="module")
-def lora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from finetune_trainer.train import run
-
+def lora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainerRun:
     tmp = tmp_path_factory.mktemp("lora-run")
     train_data = write_jsonl(tmp / "train.jsonl", learnable_rows(48))
-    config = TrainerConfig.model_validate(
-        trainer_config(
-            tiny_model_dir,
-            train_data,
-            tmp / "destination",
-            num_train_epochs=3,
-            learning_rate=2e-2,
-            validation_prompt="what does bob eat? answer:",
-        )
+    config = trainer_config(
+        tiny_model_dir,
+        train_data,
+        tmp / "destination",
+        num_train_epochs=3,
+        learning_rate=2e-2,
+        validation_prompt="what does bob eat? answer:",
     )
-    termination_log = tmp / "termination-log"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_TERMINATION_LOG", str(termination_log))
-        buffer = io.StringIO()
-        with redirect_stdout(buffer):
-            result = run(config, tmp / "work")
-    return Run(result, events_in(buffer.getvalue()), tmp / "destination", termination_log.read_text())
+    return train_in_process(config, tmp)
 
 
-def test_loss_falls_on_a_learnable_prompt_completion_set(lora_run: Run) -> None:
+def test_loss_falls_on_a_learnable_prompt_completion_set(lora_run: TrainerRun) -> None:
     progress = lora_run.of(ProgressEvent)
     evals = lora_run.of(EvalEvent)
     assert len(evals) == 3
@@ -72,7 +54,7 @@ def test_loss_falls_on_a_learnable_prompt_completion_set(lora_run: Run) -> None:
     assert evals[-1].eval_loss < evals[0].eval_loss
 
 
-def test_prompt_completion_rows_train_on_the_completion_only_exactly(lora_run: Run) -> None:
+def test_prompt_completion_rows_train_on_the_completion_only_exactly(lora_run: TrainerRun) -> None:
     trainer = lora_run.result.trainer
     tokenizer = trainer.processing_class
     rows = learnable_rows(48)[:44]  # the training rows, in file order (the tail went to validation)
@@ -91,29 +73,15 @@ def test_prompt_completion_rows_train_on_the_completion_only_exactly(lora_run: R
 
 
 def test_text_rows_train_on_every_token(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from datasets import Dataset
-
-    from finetune_trainer.model import load_base_model, load_tokenizer
-    from finetune_trainer.train import build_trainer
-
-    config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, "unused.jsonl", tmp_path / "out"))
-    tokenizer = load_tokenizer(tiny_model_dir)
     rows = text_rows(8)
-    trainer = build_trainer(
-        config.input,
-        Dataset.from_list(rows),
-        None,
-        load_base_model(tiny_model_dir, config.input, 0),
-        tokenizer,
-        output_dir=tmp_path,
-        callbacks=[],
-    )
+    trainer = build_tiny_trainer(tiny_model_dir, tmp_path, rows)
+    tokenizer = trainer.processing_class
     for row, example in zip(rows, trainer.train_dataset, strict=True):
         assert example["input_ids"] == tokenizer(row["text"] + tokenizer.eos_token)["input_ids"]
         assert example["labels"] == example["input_ids"]
 
 
-def test_every_event_parses_with_the_operators_protocol(lora_run: Run) -> None:
+def test_every_event_parses_with_the_operators_protocol(lora_run: TrainerRun) -> None:
     kinds = {type(event) for event in lora_run.events}
     assert {StartEvent, ProgressEvent, EvalEvent, SampleEvent, CheckpointEvent, OutputEvent} <= kinds
     start = lora_run.of(StartEvent)[0]
@@ -125,7 +93,7 @@ def test_every_event_parses_with_the_operators_protocol(lora_run: Run) -> None:
     assert [event.prompt for event in lora_run.of(SampleEvent)] == ["what does bob eat? answer:"] * 3
 
 
-def test_output_is_the_adapter_tokenizer_and_metrics_with_checksums(lora_run: Run) -> None:
+def test_output_is_the_adapter_tokenizer_and_metrics_with_checksums(lora_run: TrainerRun) -> None:
     from finetune_trainer.storage import sha256_of
 
     output = lora_run.of(OutputEvent)[-1]
@@ -156,7 +124,9 @@ def test_output_is_the_adapter_tokenizer_and_metrics_with_checksums(lora_run: Ru
     }
 
 
-def test_saved_adapter_reloads_with_peft_and_reproduces_the_trained_model(lora_run: Run, tiny_model_dir: Path) -> None:
+def test_saved_adapter_reloads_with_peft_and_reproduces_the_trained_model(
+    lora_run: TrainerRun, tiny_model_dir: Path
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
 
+from conftest import events_in, learnable_rows, run_cli, text_rows, trainer_config, write_config, write_jsonl
 from finetune_contract.protocol import EXIT_USER_ERROR, ErrorEvent, StartEvent, ValidatedEvent, parse_line
 
 pytestmark = pytest.mark.trainer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -100,29 +101,32 @@ def test_cross_field_rules(fields: dict[str, object], message: str) -> None:
 
 
 def test_wrap_with_pack_is_accepted() -> None:
-    TrainingInput(train_data=TRAIN_DATA, pack_sequences=True, wrap_packed_sequences=True)
+    inputs = TrainingInput(train_data=TRAIN_DATA, pack_sequences=True, wrap_packed_sequences=True)
+    assert (inputs.pack_sequences, inputs.wrap_packed_sequences) == (True, True)
 
 
 @pytest.mark.parametrize(
-    "fields",
+    ("fields", "message"),
     [
-        {"learning_rate": 0},
-        {"lora_dropout": 1},
-        {"num_train_epochs": 0},
-        {"chunk_size": 65536},
-        {"peft_method": "dora"},
-        {"unknown_input": 1},
+        ({"learning_rate": 0}, "learning_rate\n  Input should be greater than 0"),
+        ({"lora_dropout": 1}, "lora_dropout\n  Input should be less than 1"),
+        ({"num_train_epochs": 0}, "num_train_epochs\n  Input should be greater than or equal to 1"),
+        ({"chunk_size": 65536}, "chunk_size\n  Input should be less than or equal to 32768"),
+        ({"peft_method": "dora"}, "peft_method\n  Input should be 'lora' or 'qlora'"),
+        ({"unknown_input": 1}, "unknown_input\n  Extra inputs are not permitted"),
     ],
 )
-def test_out_of_range_inputs_are_rejected(fields: dict[str, object]) -> None:
-    with pytest.raises(ValidationError):
+def test_out_of_range_inputs_are_rejected_naming_the_field(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)) as raised:
         TrainingInput.model_validate({"train_data": TRAIN_DATA, **fields})
+    assert raised.value.error_count() == 1
 
 
 @pytest.mark.parametrize("quantity", ["lots", "32 cores", "1.5.2Gi"])
 def test_resource_quantities_are_checked(quantity: str) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"resources\.memory\n  String should match pattern") as raised:
         FineTuneJobSpec.model_validate({"input": {"train_data": TRAIN_DATA}, "resources": {"memory": quantity}})
+    assert raised.value.errors()[0]["input"] == quantity
 
 
 def test_default_batch_plan_on_eight_gpus_gives_eight() -> None:

@@ -6,8 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from finetune_contract.inputs import TrainingInput
-from finetune_operator.api.spec import FineTuneJobSpec
+from conftest import make_spec
 from finetune_operator.api.status import Condition, ConditionType, FineTuneJobStatus, Phase
 from finetune_operator.lifecycle import Observation, decide
 from finetune_operator.lifecycle.kstatus import kstatus_conditions
@@ -50,7 +49,7 @@ def test_the_conditions_carry_the_phase_reason_and_message() -> None:
 
 
 def observe(status: FineTuneJobStatus, generation: int = 1, **spec_changes: object) -> Observation:
-    spec = FineTuneJobSpec(input=TrainingInput(train_data="s3://bucket/data.jsonl"), **spec_changes)
+    spec = make_spec(**spec_changes)
     return Observation(
         spec=spec,
         status=status,

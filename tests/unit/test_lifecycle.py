@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from finetune_contract.inputs import TrainingInput
+from conftest import make_spec
 from finetune_contract.protocol import (
     EXIT_USER_ERROR,
     ErrorEvent,
@@ -28,15 +28,9 @@ NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 CREATED = timestamp(NOW - timedelta(minutes=10))
 
 
-def spec(**changes: Any) -> FineTuneJobSpec:
-    fields: dict[str, Any] = {"input": TrainingInput(train_data="s3://bucket/data.jsonl")}
-    fields.update(changes)
-    return FineTuneJobSpec(**fields)
-
-
 def observe(status: FineTuneJobStatus | None = None, **changes: Any) -> Observation:
     fields: dict[str, Any] = {
-        "spec": spec(),
+        "spec": make_spec(),
         "status": status or FineTuneJobStatus(),
         "generation": 1,
         "created_at": CREATED,
@@ -160,6 +154,13 @@ def test_default_batch_on_eight_gpus_is_rounded_up_to_eight_with_a_warning() -> 
     assert "= 8" in warnings[0].message
 
 
+def test_cpu_shape_counts_one_process_per_pod_in_the_world_size() -> None:
+    decision = decide(observe(spec=make_spec(resources={"gpusPerNode": 0, "nodes": 2})))
+    resolved = decision.status.resolved
+    assert resolved is not None
+    assert (resolved.world_size, resolved.per_device_batch_size, resolved.gradient_accumulation_steps) == (2, 2, 1)
+
+
 def test_bad_training_data_fails_with_the_line_number_and_no_gpu_job() -> None:
     error = ErrorEvent(reason="InvalidTrainingData", message='train_data line 17: missing "completion"')
     failed_pod = pod("demo-validate-x", phase="Failed", state=terminated(65, encode(error)))
@@ -193,6 +194,12 @@ def test_unreadable_spec_fails_without_touching_anything() -> None:
     decision = decide(observe(spec=None, spec_error="spec.input.train_data: Field required"))
     assert decision.status.phase is Phase.FAILED
     assert decision.actions == ()
+    assert decision.status.error is not None
+    assert (decision.status.error.reason, decision.status.error.message) == (
+        "InvalidSpec",
+        "spec.input.train_data: Field required",
+    )
+    assert condition(decision, ConditionType.FAILED) == ("True", "InvalidSpec")
 
 
 def test_unschedulable_pods_queue_the_job_with_the_scheduler_reason() -> None:
@@ -274,22 +281,22 @@ def test_a_retried_failure_warns_and_counts_the_restart() -> None:
 
 def test_cancel_removes_the_workload_and_keeps_the_status() -> None:
     running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
-    decision = decide(observe(status=running, spec=spec(cancel=True), train_job=job(), train_pods=[pod()]))
+    decision = decide(observe(status=running, spec=make_spec(cancel=True), train_job=job(), train_pods=[pod()]))
     assert decision.status.phase is Phase.CANCELED
     assert decision.actions == (Action.DELETE_WORKLOAD,)
     assert decision.status.started_at == running.started_at
-    again = decide(observe(status=decision.status, spec=spec(cancel=True), train_job=job()))
+    again = decide(observe(status=decision.status, spec=make_spec(cancel=True), train_job=job()))
     assert again.actions == (Action.DELETE_WORKLOAD,)
-    gone = decide(observe(status=decision.status, spec=spec(cancel=True)))
+    gone = decide(observe(status=decision.status, spec=make_spec(cancel=True)))
     assert gone.actions == ()
 
 
 def test_suspend_and_resume_the_training_job() -> None:
     running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
-    suspending = decide(observe(status=running, spec=spec(suspend=True), train_job=job(), train_pods=[pod()]))
+    suspending = decide(observe(status=running, spec=make_spec(suspend=True), train_job=job(), train_pods=[pod()]))
     assert suspending.actions == (Action.SUSPEND_TRAINING,)
     assert suspending.status.phase is Phase.SUSPENDED
-    suspended = decide(observe(status=suspending.status, spec=spec(suspend=True), train_job=job(suspend=True)))
+    suspended = decide(observe(status=suspending.status, spec=make_spec(suspend=True), train_job=job(suspend=True)))
     assert suspended.actions == ()
     resuming = decide(observe(status=suspended.status, train_job=job(suspend=True)))
     assert resuming.actions == (Action.RESUME_TRAINING,)
@@ -305,16 +312,16 @@ def test_kueue_managed_job_waits_for_admission_without_being_unsuspended() -> No
 
 def test_finished_job_is_deleted_after_its_ttl() -> None:
     finished = FineTuneJobStatus(phase=Phase.SUCCEEDED, completed_at=timestamp(NOW - timedelta(seconds=30)))
-    waiting = decide(observe(status=finished, spec=spec(ttl_seconds_after_finished=60)))
+    waiting = decide(observe(status=finished, spec=make_spec(ttl_seconds_after_finished=60)))
     assert waiting.actions == ()
     assert waiting.requeue_after == 30
-    expired = decide(observe(status=finished, spec=spec(ttl_seconds_after_finished=10)))
+    expired = decide(observe(status=finished, spec=make_spec(ttl_seconds_after_finished=10)))
     assert expired.actions == (Action.DELETE_FINETUNEJOB,)
 
 
 def test_finished_is_final() -> None:
     finished = FineTuneJobStatus(phase=Phase.FAILED, completed_at=timestamp(NOW))
-    decision = decide(observe(status=finished, spec=spec(cancel=True), train_job=job()))
+    decision = decide(observe(status=finished, spec=make_spec(cancel=True), train_job=job()))
     assert decision.status.phase is Phase.FAILED
     assert decision.actions == ()
 
@@ -328,7 +335,7 @@ def test_condition_transition_time_moves_only_when_its_status_changes() -> None:
 
 
 def test_two_node_job_is_running_only_when_rank0_runs() -> None:
-    two_nodes = spec(resources=Resources(nodes=2))
+    two_nodes = make_spec(resources=Resources(nodes=2))
     rank1_only = [pod("demo-train-1-x", index=1), pod("demo-train-0-y", index=0, phase="Pending", state={})]
     decision = decide(observe(spec=two_nodes, status=validated_status(), train_job=job(), train_pods=rank1_only))
     assert decision.status.phase is Phase.STARTING
@@ -351,6 +358,56 @@ def test_active_deadline_is_reported_as_such() -> None:
     )
     assert decision.status.error is not None
     assert decision.status.error.reason == "DeadlineExceeded"
+
+
+def at(clock: str) -> datetime:
+    """NOW's day at hh:mm."""
+    return NOW.replace(hour=int(clock[:2]), minute=int(clock[3:]))
+
+
+def running_since(started: str) -> dict[str, Any]:
+    return {"running": {"startedAt": started}}
+
+
+def test_gpu_seconds_add_up_across_a_suspend_and_a_retry() -> None:
+    first = pod("demo-train-0-aaaaa", state=running_since("2026-11-28T11:56:00Z"))
+    running = decide(observe(status=validated_status(), train_job=job(), train_pods=[first]))
+    # Suspended at 12:05: the Job's pods are deleted, and their 9 minutes must stay counted.
+    suspending = decide(
+        observe(
+            status=running.status, spec=make_spec(suspend=True), train_job=job(), train_pods=[first], now=at("12:05")
+        )
+    )
+    assert suspending.status.phase is Phase.SUSPENDED
+    suspended = decide(
+        observe(status=suspending.status, spec=make_spec(suspend=True), train_job=job(suspend=True), now=at("12:10"))
+    )
+    assert suspended.status.gpu_seconds == 8 * 9 * 60
+    # Resumed: a new pod from 12:15; at 12:30 it fails and is retried by a third pod from 12:31.
+    second = pod("demo-train-0-bbbbb", state=running_since("2026-11-28T12:15:00Z"), created="2026-11-28T12:15:00Z")
+    resumed = decide(observe(status=suspended.status, train_job=job(), train_pods=[second], now=at("12:20")))
+    assert resumed.status.phase is Phase.RUNNING
+    second_failed = pod(
+        "demo-train-0-bbbbb",
+        phase="Failed",
+        state={
+            "terminated": {"exitCode": 1, "startedAt": "2026-11-28T12:15:00Z", "finishedAt": "2026-11-28T12:30:00Z"}
+        },
+        created="2026-11-28T12:15:00Z",
+    )
+    third = pod("demo-train-0-ccccc", state=running_since("2026-11-28T12:31:00Z"), created="2026-11-28T12:31:00Z")
+    retried = decide(
+        observe(status=resumed.status, train_job=job(failed=1), train_pods=[second_failed, third], now=at("12:40"))
+    )
+    assert retried.status.restarts == 1
+    # 8 GPUs for 11:56-12:05, 12:15-12:30 and 12:31-12:40.
+    assert retried.status.gpu_seconds == 8 * (9 + 15 + 9) * 60
+    assert retried.status.gpu_seconds_until == "2026-11-28T12:40:00Z"
+    # Looked at again with nothing new: the count neither grows nor counts the same time twice.
+    again = decide(
+        observe(status=retried.status, train_job=job(failed=1), train_pods=[second_failed, third], now=at("12:40"))
+    )
+    assert again.status.gpu_seconds == retried.status.gpu_seconds
 
 
 def test_gpu_seconds_are_written_at_most_once_a_minute_of_running_time() -> None:
@@ -427,7 +484,7 @@ def test_a_child_the_api_server_refuses_fails_the_job() -> None:
 
 
 def two_nodes() -> FineTuneJobSpec:
-    return spec(resources=Resources(nodes=2))
+    return make_spec(resources=Resources(nodes=2))
 
 
 def test_a_failed_rank_of_a_multi_node_run_restarts_the_whole_group() -> None:

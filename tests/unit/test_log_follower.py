@@ -35,11 +35,13 @@ class FakeApi:
         self.since: dict[str, list[str | None]] = {}
         self.patches: dict[str, list[Mapping[str, Any]]] = {}
         self.gone: set[str] = set()
+        self.reading = asyncio.Event()  # a follower asked for a log
 
     def lines(
         self, namespace: str, pod: str, container: str, since_time: str | None, idle_timeout: float
     ) -> AsyncIterator[str]:
         self.since.setdefault(pod, []).append(since_time)
+        self.reading.set()
         return self.scripts[pod](since_time)
 
     async def container_terminated(self, namespace: str, pod: str, container: str) -> bool:
@@ -55,14 +57,27 @@ def stream(job: str) -> Stream:
     return Stream(namespace="ns", finetunejob=job, uid=f"uid-{job}", pod=f"{job}-pod", container="trainer")
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
+class Ends:
+    """The streams whose followers read them to their end (the followers' `on_end`), awaitable."""
+
+    def __init__(self) -> None:
+        self.streams: list[Stream] = []
+        self._arrived = asyncio.Event()
+
+    def __call__(self, stream: Stream) -> None:
+        self.streams.append(stream)
+        self._arrived.set()
+
+    async def wait_for(self, stream: Stream | None = None, timeout: float = 10.0) -> None:
+        """Until `stream` (or any stream) has ended."""
+        async with asyncio.timeout(timeout):
+            while not (stream in self.streams if stream is not None else self.streams):
+                self._arrived.clear()
+                await self._arrived.wait()
 
 
-def followers(api: FakeApi, ended: list[Stream]) -> LogFollowers:
-    return LogFollowers(api, api, SETTINGS, ended.append, asyncio.get_running_loop(), backoff=lambda _: 0.0)
+def followers(api: FakeApi, ends: Ends, settings: Settings = SETTINGS) -> LogFollowers:
+    return LogFollowers(api, api, settings, ends, asyncio.get_running_loop(), backoff=lambda _: 0.0)
 
 
 def test_a_stalled_log_stream_never_delays_another_job() -> None:
@@ -78,11 +93,11 @@ def test_a_stalled_log_stream_never_delays_another_job() -> None:
                 yield stamped(step, progress(step))
 
         api = FakeApi({"stuck-pod": stalled, "fast-pod": chatty}, terminated=lambda pod: pod == "fast-pod")
-        ended: list[Stream] = []
+        ended = Ends()
         logs = followers(api, ended)
         logs.follow(stream("stuck"), FineTuneJobStatus())
         logs.follow(stream("fast"), FineTuneJobStatus())
-        await wait_until(lambda: stream("fast") in ended)
+        await ended.wait_for(stream("fast"))
         assert api.patches["fast"][-1]["progress"]["step"] == 10
         assert "stuck" not in api.patches
         assert logs.active == 1
@@ -100,14 +115,13 @@ def test_status_patches_are_throttled_and_the_last_state_is_always_written() -> 
                 await asyncio.sleep(0)  # a real stream waits for the network between chunks
 
         api = FakeApi({"job-pod": burst}, terminated=lambda _: True)
-        ended: list[Stream] = []
-        followers(api, ended).follow(stream("job"), FineTuneJobStatus())
-        await wait_until(lambda: bool(ended))
+        ended = Ends()
+        # An interval longer than any test: what is written does not depend on how fast this machine is.
+        followers(api, ended, Settings(progress_interval_seconds=3600)).follow(stream("job"), FineTuneJobStatus())
+        await ended.wait_for()
         steps = [patch["progress"]["step"] for patch in api.patches["job"]]
-        # 500 events in one burst: the first is written at once, the last when the stream ends.
-        assert steps[0] < 500
-        assert steps[-1] == 500
-        assert len(steps) <= 3
+        # 500 events in one burst: the first is written at once, the last when the stream ends, none between.
+        assert steps == [1, 500]
 
     asyncio.run(scenario())
 
@@ -128,9 +142,9 @@ def test_a_broken_stream_resumes_where_it_stopped_and_reads_nothing_twice() -> N
                 yield line
 
         api = FakeApi({"job-pod": flaky}, terminated=lambda _: reads >= 4)
-        ended: list[Stream] = []
+        ended = Ends()
         followers(api, ended).follow(stream("job"), FineTuneJobStatus())
-        await wait_until(lambda: bool(ended))
+        await ended.wait_for()
         assert api.since["job-pod"] == [None, "2026-11-28T12:00:03Z", "2026-11-28T12:00:05Z", "2026-11-28T12:00:07Z"]
         tail = api.patches["job"][-1]["logs"].splitlines()
         assert tail == [line.split(" ", 1)[1] for line in log]
@@ -151,9 +165,9 @@ def test_an_outage_of_any_length_never_makes_the_follower_give_up() -> None:
             yield stamped(1, progress(7))
 
         api = FakeApi({"job-pod": down_for_a_while}, terminated=lambda _: attempts > 25)
-        ended: list[Stream] = []
+        ended = Ends()
         followers(api, ended).follow(stream("job"), FineTuneJobStatus())
-        await wait_until(lambda: bool(ended))
+        await ended.wait_for()
         assert attempts == 26
         assert api.patches["job"][-1]["progress"]["step"] == 7
 
@@ -169,12 +183,12 @@ def test_a_new_follower_starts_where_the_status_says_the_last_one_got_to() -> No
                     yield line
 
         api = FakeApi({"job-pod": whole_log}, terminated=lambda _: True)
-        ended: list[Stream] = []
+        ended = Ends()
         earlier = FineTuneJobStatus(
             progress=Progress(step=5, total_steps=500, last_heartbeat="2026-11-28T12:00:05Z"), logs="line from before"
         )
         followers(api, ended).follow(stream("job"), earlier)
-        await wait_until(lambda: bool(ended))
+        await ended.wait_for()
         assert api.since["job-pod"] == ["2026-11-28T12:00:05Z"]
         last = api.patches["job"][-1]
         assert last["progress"]["step"] == 8
@@ -194,11 +208,15 @@ def test_following_stops_when_the_finetunejob_is_gone_or_re_created() -> None:
 
         api = FakeApi({"job-pod": endless}, terminated=lambda _: False)
         api.gone.add("job")
-        ended: list[Stream] = []
+        ended = Ends()
         logs = followers(api, ended)
         logs.follow(stream("job"), FineTuneJobStatus())
-        await wait_until(lambda: logs.active == 0)
-        assert ended == []
+        # The endless stream's follower ends only by stopping: once it reads, wait for every other task to end.
+        await asyncio.wait_for(api.reading.wait(), timeout=10)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        await asyncio.wait_for(asyncio.gather(*others), timeout=10)
+        assert logs.active == 0
+        assert ended.streams == []
         assert "job" not in api.patches
 
     asyncio.run(scenario())

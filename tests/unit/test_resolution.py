@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api import FineTuneJobSpec
+from conftest import make_spec
 from finetune_operator.resolution import InvalidSpec, resolve_trainer_config
 from finetune_operator.settings import Settings
 
@@ -14,10 +14,6 @@ SETTINGS = Settings(
     model_weights={"meta/llama-2-7b": "hf://meta-llama/Llama-2-7b-hf"},
     default_destination="s3://finetunes/",
 )
-
-
-def make_spec(**fields: Any) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({"input": {"train_data": "s3://data/train.jsonl"}, **fields})
 
 
 def test_defaults_come_from_settings() -> None:

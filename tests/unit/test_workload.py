@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import make_spec
 from finetune_contract.protocol import EXIT_USER_ERROR
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.conventions import (
@@ -35,6 +40,7 @@ SETTINGS = Settings(
     master_port=29500,
 )
 OWNER = Owner(name="llama-demo", namespace="research", uid="5f2c9e4e-uid", labels={})
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # A pod on a node that stops reporting is evicted after settings.lost_node_seconds, not Kubernetes' five minutes.
 LOST_NODE_TOLERATIONS = [
     {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 120},
@@ -45,10 +51,6 @@ DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 def run_of(spec: FineTuneJobSpec, owner: Owner = OWNER, settings: Settings = SETTINGS) -> RunInfo:
     return resolve_run(owner, spec, settings)
-
-
-def make_spec(**fields: Any) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({"input": {"train_data": "https://data.example/train.jsonl"}, **fields})
 
 
 def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +107,29 @@ def test_single_node_job_runs_torchrun_locally_without_a_service() -> None:
     }
 
 
-def test_training_pods_run_the_trainer_launcher_which_starts_torchrun_itself() -> None:
-    assert TRAINER_ARGV == ("finetune-trainer", "train", "--input", "/etc/finetune/input.json")
+@pytest.mark.parametrize(
+    ("build", "command"), [(build_train_job, "train"), (build_validation_job, "validate")], ids=["train", "validate"]
+)
+def test_trainer_pods_run_the_trainer_images_command_on_the_mounted_input(
+    build: Callable[[RunInfo], dict[str, Any]], command: str
+) -> None:
+    from finetune_trainer.cli import parser
+
+    run = run_of(make_spec())
+    job = build(run)
+    argv = trainer(job)["command"]
+    # The program is the trainer distribution's console script, the image's entrypoint.
+    scripts = tomllib.loads((REPO_ROOT / "trainer-image" / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[argv[0]] == "finetune_trainer.cli:main"
+    dockerfile = (REPO_ROOT / "trainer-image" / "Dockerfile").read_text()
+    assert f"ENTRYPOINT {json.dumps([argv[0]])}" in dockerfile
+    # The trainer's own parser reads the arguments as the command, with its input where the ConfigMap is mounted.
+    parsed = parser().parse_args(argv[1:])
+    assert parsed.command == command
+    [mount] = [m for m in trainer(job)["volumeMounts"] if m["name"] == "input"]
+    [volume] = [v for v in pod_spec(job)["volumes"] if v["name"] == "input"]
+    assert volume["configMap"]["name"] == run.names.config_map
+    assert parsed.input == posixpath.join(mount["mountPath"], *build_config_map(run)["data"])
 
 
 def test_two_node_job_wires_torchrun_through_headless_service() -> None:
@@ -211,6 +234,50 @@ def test_spec_placement_is_added_to_the_gpu_defaults() -> None:
     assert trainer(job)["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert env_of(trainer(job))["NPROC_PER_NODE"] == "4"
     assert env_of(trainer(job))["OMP_NUM_THREADS"] == "8"
+
+
+def test_cpu_shape_requests_no_gpu_and_runs_one_process_per_pod() -> None:
+    spec = make_spec(resources={"gpusPerNode": 0, "cpu": "4", "memory": "16Gi"})
+    job = build_train_job(run_of(spec))
+    amounts = {"cpu": "4", "memory": "16Gi"}
+    assert trainer(job)["resources"] == {"requests": amounts, "limits": amounts}
+    assert not {"nodeSelector", "affinity"} & set(pod_spec(job))
+    assert pod_spec(job)["tolerations"] == LOST_NODE_TOLERATIONS  # and no GPU toleration
+    env = env_of(trainer(job))
+    assert (env["NNODES"], env["NPROC_PER_NODE"], env["OMP_NUM_THREADS"]) == ("1", "1", "4")
+    config = run_of(spec).trainer_config
+    assert (config.gpus_per_node, config.world_size) == (0, 1)
+
+
+def test_cpu_shape_runs_validation_and_training_where_the_spec_places_them() -> None:
+    node_selector = {"pool": "cpu"}
+    tolerations = [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    spec = make_spec(resources={"gpusPerNode": 0, "nodeSelector": node_selector, "tolerations": tolerations})
+    validation, training = build_validation_job(run_of(spec)), build_train_job(run_of(spec))
+    assert (pod_spec(validation)["nodeSelector"], pod_spec(validation)["tolerations"]) == (node_selector, tolerations)
+    assert pod_spec(training)["nodeSelector"] == node_selector
+    assert pod_spec(training)["tolerations"] == LOST_NODE_TOLERATIONS + tolerations
+    for job in (validation, training):
+        assert "nvidia.com/gpu" not in trainer(job)["resources"]["limits"]
+
+
+def test_cpu_pods_of_a_multi_node_job_prefer_a_node_each() -> None:
+    job = build_train_job(run_of(make_spec(resources={"gpusPerNode": 0, "nodes": 2})))
+    assert pod_spec(job)["affinity"] == {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": component_selector(OWNER.name, Component.TRAINING)},
+                        "topologyKey": "kubernetes.io/hostname",
+                    },
+                }
+            ]
+        }
+    }
+    assert env_of(trainer(job))["NPROC_PER_NODE"] == "1"
+    assert "affinity" not in pod_spec(build_train_job(run_of(make_spec(resources={"nodes": 2}))))
 
 
 @pytest.mark.parametrize("build", ["validation", "training"])

@@ -114,9 +114,9 @@ def launch(input_path: str, workdir: str) -> int:
     config = load_config(input_path)
     scratch = Path(workdir)
     write_staged(config.input, scratch / "data")
-    probe_destination(config.destination)
+    probe_destination(config.destination, config.run_uid)
     nnodes = int(os.environ.get("NNODES") or config.nodes)
-    nproc = int(os.environ.get("NPROC_PER_NODE") or config.gpus_per_node)
+    nproc = int(os.environ.get("NPROC_PER_NODE") or config.processes_per_node)
     if nnodes * nproc == 1:
         return worker(input_path, workdir)
     if nnodes > 1 and "MASTER_ADDR" not in os.environ:

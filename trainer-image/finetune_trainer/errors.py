@@ -8,8 +8,16 @@ INVALID_TRAINING_DATA = "InvalidTrainingData"
 WEIGHTS_NOT_FOUND = "WeightsNotFound"
 DESTINATION_NOT_WRITABLE = "DestinationNotWritable"
 OUT_OF_MEMORY = "OutOfMemory"
+DESTINATION_IN_USE = "DestinationInUse"
 USER_ERROR_REASONS = frozenset(
-    (INVALID_INPUT, INVALID_TRAINING_DATA, WEIGHTS_NOT_FOUND, DESTINATION_NOT_WRITABLE, OUT_OF_MEMORY)
+    (
+        INVALID_INPUT,
+        INVALID_TRAINING_DATA,
+        WEIGHTS_NOT_FOUND,
+        DESTINATION_NOT_WRITABLE,
+        DESTINATION_IN_USE,
+        OUT_OF_MEMORY,
+    )
 )
 
 # Anything else failed in the trainer itself (retried by the Job's backoffLimit).

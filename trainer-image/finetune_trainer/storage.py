@@ -75,7 +75,17 @@ def join(uri: str, *parts: str) -> str:
 def open_binary(uri: str) -> Iterator[IO[bytes]]:
     """The file for streaming reads; FileNotFoundError when it is not there."""
     where = locate(uri)
-    with where.fs.open(where.path, "rb") as handle:
+    try:
+        handle = where.fs.open(where.path, "rb")
+    except FileNotFoundError as error:
+        # fsspec's https filesystem reports any failure to open a file (TLS, DNS, 403) as not found: only 404 is.
+        cause, status = error.__cause__, getattr(error.__cause__, "status", None)
+        if status in (401, 403):
+            raise PermissionError(f"{uri}: HTTP {status}") from cause
+        if cause is not None and not isinstance(cause, FileNotFoundError) and status != 404:
+            raise ConnectionError(f"cannot read {uri}: {cause}") from cause
+        raise
+    with handle:
         yield handle
 
 

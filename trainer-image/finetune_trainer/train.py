@@ -21,9 +21,15 @@ from finetune_contract.inputs import TrainingInput
 from finetune_contract.protocol import OutputEvent, OutputFile
 from finetune_contract.trainer_config import TrainerConfig
 from finetune_trainer import storage
-from finetune_trainer.checkpoints import CheckpointCallback, fetch_checkpoint, latest_checkpoint
+from finetune_trainer.checkpoints import CheckpointCallback, fetch_checkpoint, latest_checkpoint, run_fingerprint
 from finetune_trainer.data import StagedSplit, read_staged, write_staged
-from finetune_trainer.errors import DESTINATION_NOT_WRITABLE, OUT_OF_MEMORY, WEIGHTS_NOT_FOUND, UserError
+from finetune_trainer.errors import (
+    DESTINATION_IN_USE,
+    DESTINATION_NOT_WRITABLE,
+    OUT_OF_MEMORY,
+    WEIGHTS_NOT_FOUND,
+    UserError,
+)
 from finetune_trainer.events import emit, local_rank, log, rank, world_size, write_termination_message
 from finetune_trainer.memory import (
     NO_CHECKPOINTING,
@@ -43,6 +49,8 @@ from finetune_trainer.model import (
 from finetune_trainer.summary import packing_strategy
 
 METRICS_FILE = "metrics.json"
+# Written last, after every other output file: its presence means the output is complete (see _publish).
+MANIFEST_FILE = "manifest.json"
 # For tests and debugging: each rank writes its trainable (adapter) weights there at the end, so a test can check
 # that DDP kept every replica identical.
 RANK_WEIGHTS_DIR_ENV = "FINETUNE_TRAINER_RANK_WEIGHTS_DIR"
@@ -140,9 +148,20 @@ def fetch_weights(uri: str, workdir: Path) -> Path:
         raise UserError(WEIGHTS_NOT_FOUND, f"base weights not found at {uri}") from error
 
 
-def probe_destination(uri: str) -> None:
+def probe_destination(uri: str, run_uid: str = "") -> None:
     """Write and delete a small file at the destination, so a destination that cannot take the output fails now,
-    before the model loads, rather than after the first epoch."""
+    before the model loads, rather than after the first epoch; and refuse one that holds another run's output."""
+    manifest_uri = storage.join(uri, MANIFEST_FILE)
+    if run_uid and storage.exists(manifest_uri):
+        try:
+            owner = json.loads(storage.read_bytes(manifest_uri)).get("run")
+        except ValueError:
+            owner = None
+        if owner and owner != run_uid:
+            raise UserError(
+                DESTINATION_IN_USE,
+                f"destination {uri} holds the output of another run ({owner}); choose another spec.destination",
+            )
     probe = storage.join(uri, f".write-probe-{os.getpid()}")
     try:
         storage.write_bytes(probe, b"finetune-trainer write probe\n")
@@ -224,7 +243,9 @@ def _run(config: TrainerConfig, workdir: Path, plan: BatchPlan) -> TrainingRun:
     from finetune_trainer.callbacks import ProgressCallback, SampleCallback
 
     validate = staged.validation_rows > 0 and inputs.run_validation
-    callbacks: list[Any] = [CheckpointCallback(config.destination)]
+    digests = [storage.sha256_of(path) for path in (staged.train, staged.validation) if path is not None]
+    fingerprint = run_fingerprint(config, digests)
+    callbacks: list[Any] = [CheckpointCallback(config.destination, fingerprint, config.checkpoint_every_minutes)]
     if inputs.validation_prompt:
         callbacks.append(SampleCallback(inputs.validation_prompt, with_validation=validate))
     trainer = build_trainer(
@@ -240,12 +261,12 @@ def _run(config: TrainerConfig, workdir: Path, plan: BatchPlan) -> TrainingRun:
     trainer.add_callback(ProgressCallback(plan.world_size))
 
     resume: str | None = None
-    latest = latest_checkpoint(config.destination)
+    latest = latest_checkpoint(config.destination, fingerprint)
     if latest is not None:
-        epoch, uri = latest
+        step, uri = latest
         with args_probe.main_process_first(local=True, desc="fetching the checkpoint"):
             resume = str(fetch_checkpoint(uri, workdir))
-        log(f"resuming from the epoch {epoch} checkpoint at {uri}")
+        log(f"resuming from the step {step} checkpoint at {uri}")
     result = trainer.train(resume_from_checkpoint=resume)
 
     _write_rank_weights(trainer)
@@ -281,12 +302,20 @@ def _publish(trainer: Any, config: TrainerConfig, workdir: Path, training_loss: 
     (output / "training_args.bin").unlink(missing_ok=True)
     metrics = final_metrics(trainer, training_loss)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    storage.upload_dir(output, config.destination)
     files = [
         OutputFile(path=file.relative_to(output).as_posix(), size=file.stat().st_size, sha256=storage.sha256_of(file))
         for file in sorted(output.rglob("*"))
         if file.is_file()
     ]
+    storage.upload_dir(output, config.destination)
+    # The manifest goes last: a reader that finds it finds every file it names, with their sizes and digests.
+    manifest = {
+        "run": config.run_uid,
+        "job": config.job,
+        "files": [file.model_dump() for file in files],
+        "metrics": metrics,
+    }
+    storage.write_bytes(storage.join(config.destination, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     event = OutputEvent(weights=config.destination, files=files, metrics=metrics)
     log(f"adapter, tokenizer and metrics written to {config.destination}")
     emit(event)

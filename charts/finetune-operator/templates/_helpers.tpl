@@ -73,9 +73,10 @@ no right on them.
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Trainer pods: watched by kopf, listed by the periodic resync, read when a followed log ends; rank 0's log.
+# Deleted only when one has been terminating far past its grace because its node stopped reporting.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "delete"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]

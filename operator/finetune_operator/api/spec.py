@@ -62,24 +62,43 @@ class ModelSpec(KubeModel):
 
 
 class Toleration(KubeModel):
-    key: str | None = Field(None, max_length=LABEL_KEY_LENGTH)
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(None, max_length=LABEL_VALUE_LENGTH)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    key: str | None = Field(
+        None, max_length=LABEL_KEY_LENGTH, description="Taint key to tolerate; empty with Exists: every taint."
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        None, description="Exists (any value) or Equal (the value below, the default)."
+    )
+    value: str | None = Field(None, max_length=LABEL_VALUE_LENGTH, description="Taint value to match with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty: every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="With NoExecute: how long a pod stays on the node after the taint appears."
+    )
 
 
 class Resources(KubeModel):
     model_config = ConfigDict(json_schema_extra=_immutable("spec.resources"))
 
-    gpus_per_node: int = Field(8, ge=1, le=64, description="GPUs per trainer pod (nvidia.com/gpu).")
+    gpus_per_node: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="GPUs per trainer pod (nvidia.com/gpu). 0 runs the trainer on the CPU: no GPU is requested, "
+        "and each pod runs one process.",
+    )
     gpu_product: str = Field(
         DEFAULT_GPU_PRODUCT,
         min_length=1,
         max_length=LABEL_VALUE_LENGTH,
         description="Node label nvidia.com/gpu.product to schedule on.",
     )
-    nodes: int = Field(1, ge=1, le=64, description="Trainer pods (one per node); world size = nodes x gpusPerNode.")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Trainer pods (one per node); world size = nodes x gpusPerNode (x 1 process on the CPU).",
+    )
     cpu: Quantity = Field("32", description="CPU request and limit per trainer pod.")
     memory: Quantity = Field("192Gi", description="Memory request and limit per trainer pod.")
     shared_memory: Quantity = Field("32Gi", description="Size of /dev/shm (NCCL and data loaders need it).")
@@ -87,34 +106,41 @@ class Resources(KubeModel):
         default_factory=dict, max_length=32, description="Extra node selector labels."
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Extra tolerations.")
-    priority_class_name: str | None = Field(None, max_length=DNS_NAME_LENGTH)
+    priority_class_name: str | None = Field(
+        None, max_length=DNS_NAME_LENGTH, description="PriorityClass of the trainer pods (who is preempted first)."
+    )
+
+    @property
+    def processes_per_node(self) -> int:
+        """Trainer processes in each pod: one per GPU, or one on the CPU (gpusPerNode 0)."""
+        return max(1, self.gpus_per_node)
 
 
 class LocalObjectReference(KubeModel):
-    name: str = Field(min_length=1, max_length=DNS_NAME_LENGTH)
+    name: str = Field(min_length=1, max_length=DNS_NAME_LENGTH, description="Its name, in the job's namespace.")
 
 
 class SecretKeySelector(KubeModel):
-    name: str = Field(min_length=1, max_length=DNS_NAME_LENGTH)
-    key: str = Field(min_length=1, max_length=DNS_NAME_LENGTH)
-    optional: bool | None = None
+    name: str = Field(min_length=1, max_length=DNS_NAME_LENGTH, description="Its name, in the job's namespace.")
+    key: str = Field(min_length=1, max_length=DNS_NAME_LENGTH, description="The key whose value is taken.")
+    optional: bool | None = Field(None, description="Start the pod even when the object or key is missing.")
 
 
 class EnvVarSource(KubeModel):
-    secret_key_ref: SecretKeySelector | None = None
-    config_map_key_ref: SecretKeySelector | None = None
+    secret_key_ref: SecretKeySelector | None = Field(None, description="A key of a Secret.")
+    config_map_key_ref: SecretKeySelector | None = Field(None, description="A key of a ConfigMap.")
 
 
 class EnvVar(KubeModel):
-    name: str = Field(min_length=1, max_length=ENV_NAME_LENGTH)
-    value: str | None = Field(None, max_length=ENV_VALUE_LENGTH)
-    value_from: EnvVarSource | None = None
+    name: str = Field(min_length=1, max_length=ENV_NAME_LENGTH, description="The variable's name.")
+    value: str | None = Field(None, max_length=ENV_VALUE_LENGTH, description="Its value; a secret goes in valueFrom.")
+    value_from: EnvVarSource | None = Field(None, description="Its value from a Secret's or ConfigMap's key.")
 
 
 class EnvFromSource(KubeModel):
-    prefix: str | None = Field(None, max_length=ENV_NAME_LENGTH)
-    secret_ref: LocalObjectReference | None = None
-    config_map_ref: LocalObjectReference | None = None
+    prefix: str | None = Field(None, max_length=ENV_NAME_LENGTH, description="Put before each variable's name.")
+    secret_ref: LocalObjectReference | None = Field(None, description="Every key of a Secret, as a variable.")
+    config_map_ref: LocalObjectReference | None = Field(None, description="Every key of a ConfigMap, as a variable.")
 
 
 # Replicate's webhook events, in the order a training goes through them.

@@ -178,7 +178,10 @@ class FineTuneJobStatus(KubeModel):
     created_at: str | None = None
     started_at: str | None = None
     completed_at: str | None = None
-    gpu_seconds: int | None = Field(None, description="GPU-seconds held by the trainer pods.")
+    gpu_seconds: int | None = Field(
+        None, description="GPU-seconds held by the trainer pods, across suspends and retries."
+    )
+    gpu_seconds_until: str | None = Field(None, description="The time up to which gpuSeconds is counted.")
     restarts: int | None = Field(None, description="Trainer pods that failed and were retried.")
     progress: Progress | None = None
     resolved: Resolved | None = None
@@ -205,6 +208,7 @@ STATE_MACHINE_FIELDS = frozenset(
         "startedAt",
         "completedAt",
         "gpuSeconds",
+        "gpuSecondsUntil",
         "restarts",
         "resolved",
         "error",

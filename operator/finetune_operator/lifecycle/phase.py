@@ -190,7 +190,10 @@ def _training_step(obs: Observation, validated_now: bool = False) -> Step:
     if unschedulable:
         conditions[ConditionType.ADMITTED] = ("False", "Unschedulable", unschedulable)
         return Step(Phase.QUEUED, "Unschedulable", unschedulable, conditions, actions)
-    conditions[ConditionType.ADMITTED] = ("True", "PodsScheduled", "the trainer pods have their GPUs")
+    scheduled = (
+        "the trainer pods have their GPUs" if obs.spec.resources.gpus_per_node else "the trainer pods are scheduled"
+    )
+    conditions[ConditionType.ADMITTED] = ("True", "PodsScheduled", scheduled)
     if any(completion_index(pod) == 0 and pod_phase(pod) == "Running" for pod in active):
         conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
         return Step(Phase.RUNNING, "TrainingRunning", "the trainer is running", conditions, actions)

@@ -13,7 +13,7 @@ from finetune_operator.lifecycle.observed import termination_event
 def resolve_status(spec: FineTuneJobSpec, obs: Observation) -> Resolved:
     resources = spec.resources
     plan = plan_batches(
-        spec.input.train_batch_size, spec.input.micro_batch_size, resources.nodes * resources.gpus_per_node
+        spec.input.train_batch_size, spec.input.micro_batch_size, resources.nodes * resources.processes_per_node
     )
     resolved = Resolved(
         world_size=plan.world_size,

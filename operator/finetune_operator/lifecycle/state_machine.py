@@ -12,7 +12,7 @@ from finetune_operator.lifecycle.observed import disrupted_pods, job_failed_pods
 from finetune_operator.lifecycle.phase import Step, evaluate
 from finetune_operator.lifecycle.resolved import batch_notices, resolve_status
 from finetune_operator.lifecycle.ttl import ttl_after_finished
-from finetune_operator.timestamps import timestamp
+from finetune_operator.timestamps import parse_timestamp, timestamp
 
 # While a job is active, look again this often even without events: gpuSeconds and timeouts move with time.
 ACTIVE_RESYNC_SECONDS = 30.0
@@ -80,6 +80,7 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
     else:
         disrupted = obs.known_disruptions | disrupted_pods(obs.train_pods)
         restarts = max(previous.restarts or 0, job_failed_pods(obs.train_job) + len(disrupted))
+    gpu_seconds_counted, gpu_seconds_until = _gpu_seconds(obs, step)
     status = previous.model_copy(
         update={
             "phase": step.phase,
@@ -90,7 +91,8 @@ def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
             "created_at": previous.created_at or obs.created_at,
             "started_at": started_at,
             "completed_at": completed_at,
-            "gpu_seconds": _gpu_seconds(obs, step),
+            "gpu_seconds": gpu_seconds_counted,
+            "gpu_seconds_until": gpu_seconds_until,
             "restarts": restarts or previous.restarts,
             "resolved": resolve_status(spec, obs) if spec is not None else previous.resolved,
             "error": step.error or (None if step.phase is not Phase.FAILED else previous.error),
@@ -110,19 +112,24 @@ def _workload(obs: Observation) -> Workload | None:
     return Workload(job=names.train_job, service=service, config_map=names.config_map)
 
 
-def _gpu_seconds(obs: Observation, step: Step) -> int | None:
-    """The GPU time held so far, refreshed only at a transition or after GPU_SECONDS_REFRESH of running time.
+def _gpu_seconds(obs: Observation, step: Step) -> tuple[int | None, str | None]:
+    """gpuSeconds and the time it counts up to: the GPU time since the last count is added at a transition, or
+    once it reaches GPU_SECONDS_REFRESH of running time.
 
     A write for every second that passed would make each reconcile write, and each write cause a reconcile.
     """
-    previous = obs.status.gpu_seconds
+    previous, counted_until = obs.status.gpu_seconds, obs.status.gpu_seconds_until
     if obs.spec is None:
-        return previous
+        return previous, counted_until
     gpus = obs.spec.resources.gpus_per_node
-    held = gpu_seconds(gpus, obs.train_pods, obs.now)
-    if previous is None:
-        return held or None
-    if step.phase is not obs.status.phase or step.phase.finished:
-        return max(held, previous)
+    now = parse_timestamp(timestamp(obs.now))  # whole seconds, as the mark is written
+    if previous is not None and counted_until is None:
+        # A count written without its mark: it covered the pods then in sight from their start.
+        return max(previous, gpu_seconds(gpus, obs.train_pods, None, now)), timestamp(now)
+    since = parse_timestamp(counted_until) if counted_until else None
+    added = gpu_seconds(gpus, obs.train_pods, since, now)
+    transition = step.phase is not obs.status.phase or step.phase.finished
     running = sum(1 for pod in obs.train_pods if trainer_state(pod).get("running"))
-    return held if held - previous >= running * gpus * GPU_SECONDS_REFRESH else previous
+    if added == 0 or (not transition and added < running * gpus * GPU_SECONDS_REFRESH):
+        return previous, counted_until
+    return (previous or 0) + added, timestamp(now)
