@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import devcluster as dc
 from informer import Informer, Obj
@@ -409,26 +409,51 @@ class Replicas:
 # ---------------------------------------------------------------------------------------------------- progress
 
 
+class TrainerView(Protocol):
+    """What the progress monitor reads of the simulated trainer (a SimTrainer)."""
+
+    timing: TrainerTiming
+
+    def pods(self) -> list[PodRecord]: ...
+
+    def jobs(self) -> list[JobRecord]: ...
+
+
+class ObjectSource(Protocol):
+    """The FineTuneJobs as a watch last saw them (an Informer)."""
+
+    def objects(self) -> list[Obj]: ...
+
+
 class ProgressMonitor:
     """Finds FineTuneJobs whose progress stays still while their trainer's log grows.
 
     Every few seconds it compares each running rank-0 trainer (one that printed a step lately) with its
     FineTuneJob's status.progress.step (from a watch). A FineTuneJob whose step has not changed for
-    `frozen_seconds` since the later of its last change, its pod's start and the end of the last fault is frozen.
+    `frozen_seconds` since the later of its last change, its pod's start and the end of the last fault is frozen;
+    nothing is found frozen while a fault lasts.
     """
 
-    def __init__(self, trainer: SimTrainer, finetunejobs: Informer, frozen_seconds: float) -> None:
+    def __init__(self, trainer: TrainerView, finetunejobs: ObjectSource, frozen_seconds: float) -> None:
         self._trainer = trainer
         self._finetunejobs = finetunejobs
         self._frozen_seconds = frozen_seconds
         self._seen: dict[str, tuple[int, float]] = {}
+        self._faults = 0
         self.quiet_since = time.monotonic()
         self.frozen: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-monitor", daemon=True)
 
-    def fault_ended(self, at: float | None = None) -> None:
-        self.quiet_since = max(self.quiet_since, at or time.monotonic())
+    @contextlib.contextmanager
+    def fault(self, lasting_after: float = 0.0) -> Iterator[None]:
+        """While a fault is done, and for `lasting_after` seconds after (a killed replica's restart)."""
+        self._faults += 1
+        try:
+            yield
+        finally:
+            self._faults -= 1
+            self.quiet_since = max(self.quiet_since, time.monotonic() + lasting_after)
 
     def _run(self) -> None:
         while not self._stop.wait(2.0):
@@ -455,7 +480,10 @@ class ProgressMonitor:
             if seen is None or seen[0] != step:
                 self._seen[owner] = (step, now)
                 continue
-            since = max(seen[1], self.quiet_since, pod.running_at or now)
+            if self._faults:
+                continue
+            started = pod.running_at if pod.running_at is not None else now
+            since = max(seen[1], self.quiet_since, started)
             if now - since > self._frozen_seconds and owner not in self.frozen:
                 self.frozen[owner] = (
                     f"{name}: progress.step {step} for {now - since:.0f}s while {pod.name} printed up to "
@@ -676,12 +704,15 @@ class Chaos:
     def _inject(
         self, kind: str, replicas: Replicas, trainer: SimTrainer, monitor: ProgressMonitor, finetunejobs: Informer
     ) -> None:
+        with monitor.fault(self.options.restart_after if kind == KILL else 0.0):
+            self._do(kind, replicas, trainer, finetunejobs)
+
+    def _do(self, kind: str, replicas: Replicas, trainer: SimTrainer, finetunejobs: Informer) -> None:
         try:
             if kind == KILL:
                 self.note(
                     f"{kind}: {with_retries(lambda: replicas.kill_leader(self.rng, self.options.restart_after), kind)}"
                 )
-                monitor.fault_ended(time.monotonic() + self.options.restart_after)
             elif kind == RESTART_APISERVER:
                 self.note(kind)
                 dc.restart("kube-apiserver")
@@ -701,7 +732,6 @@ class Chaos:
                 self.note(f"{kind}: {self._stop_node(trainer)}")
         except Exception as error:
             self.note(f"{kind} could not be done: {type(error).__name__}: {error}")
-        monitor.fault_ended()
 
     def _recreate(self, finetunejobs: Informer) -> str:
         # a FineTuneJob whose training Job exists, when there is one: its namesake must not adopt that Job

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from chaos import SHORT_PLAN, FaultPlan, judge, plan_faults, progress_behind
-from simtrainer import JobRecord, PodRecord, output_uri
+from chaos import SHORT_PLAN, FaultPlan, ProgressMonitor, judge, plan_faults, progress_behind
+from simtrainer import JobRecord, PodRecord, TrainerTiming, output_uri
 
 FTJ_UID = "ftj-uid-1"
 JOB_UID = "job-uid-1"
@@ -149,3 +149,50 @@ def test_the_fault_schedule_is_the_plan_at_seeded_moments_in_the_window() -> Non
     assert [fault.at for fault in first] == sorted(fault.at for fault in first)
     assert len(FaultPlan().kinds()) == 5 + 1 + 1 + 1 + 10 + 10 + 1
     assert len(SHORT_PLAN.kinds()) == 2 + 1 + 1
+
+
+class Trainer:
+    """What the progress monitor reads of the simulated trainer: one rank-0 pod that prints a step a second."""
+
+    timing = TrainerTiming(step_seconds=1.0)
+
+    def __init__(self) -> None:
+        self.pod = rank0(ended=None, exit_code=None, output=None)
+        self.pod.running_at = 0.0
+
+    def pods(self) -> list[PodRecord]:
+        return [self.pod]
+
+    def jobs(self) -> list[JobRecord]:
+        return [job()]
+
+
+class FineTuneJobs:
+    def __init__(self) -> None:
+        self.step = 0
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [finetunejob(phase="Running", weights=None, step=self.step)]
+
+
+def test_progress_still_for_a_minute_while_the_log_grows_is_frozen_but_not_while_a_fault_lasts() -> None:
+    trainer, finetunejobs = Trainer(), FineTuneJobs()
+    monitor = ProgressMonitor(trainer, finetunejobs, frozen_seconds=60)
+    monitor.quiet_since = 0.0
+
+    def printed(now: float) -> None:
+        trainer.pod.last_step_at = now
+        monitor.sample(now)
+
+    for now in (1.0, 30.0):
+        finetunejobs.step += 1
+        printed(now)
+    with monitor.fault():  # a frozen API server: the status cannot move
+        printed(91.0)
+        printed(120.0)
+    assert monitor.frozen == {}
+    monitor.quiet_since = 120.0  # the fault ended then
+    printed(170.0)
+    assert monitor.frozen == {}
+    printed(181.0)
+    assert list(monitor.frozen.values()) == ["a: progress.step 2 for 61s while a-train-0-x printed up to step 20"]
