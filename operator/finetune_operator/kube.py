@@ -313,21 +313,15 @@ class KubeApi:
             if error.status not in (404, 409):
                 raise
 
-    def delete_service(self, namespace: str, name: str, uid: str) -> None:
+    def delete_child(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        """Delete the ConfigMap or Service with `uid`."""
+        deleters: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.delete_namespaced_config_map,
+            "Service": self.core.delete_namespaced_service,
+        }
         self._delete(
-            "services",
-            lambda options: self.core.delete_namespaced_service(
-                name, namespace, body=options, _request_timeout=self._timeout
-            ),
-            uid,
-        )
-
-    def delete_config_map(self, namespace: str, name: str, uid: str) -> None:
-        self._delete(
-            "configmaps",
-            lambda options: self.core.delete_namespaced_config_map(
-                name, namespace, body=options, _request_timeout=self._timeout
-            ),
+            f"{kind.lower()}s",
+            lambda options: deleters[kind](name, namespace, body=options, _request_timeout=self._timeout),
             uid,
         )
 
@@ -360,29 +354,17 @@ class KubeApi:
         )
         return _items(jobs), _items(pods)
 
-    def get_config_map(self, namespace: str, name: str) -> Obj | None:
+    def get_child(self, kind: str, namespace: str, name: str) -> Obj | None:
+        """A ConfigMap or Service by name, or None (to check whose it is before deleting it)."""
+        readers: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Service": self.core.read_namespaced_service,
+        }
         try:
             response = self._call(
                 "get",
-                "configmaps",
-                lambda: self.core.read_namespaced_config_map(
-                    name, namespace, _preload_content=False, _request_timeout=self._timeout
-                ),
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return _json(response)
-
-    def get_service(self, namespace: str, name: str) -> Obj | None:
-        try:
-            response = self._call(
-                "get",
-                "services",
-                lambda: self.core.read_namespaced_service(
-                    name, namespace, _preload_content=False, _request_timeout=self._timeout
-                ),
+                f"{kind.lower()}s",
+                lambda: readers[kind](name, namespace, _preload_content=False, _request_timeout=self._timeout),
             )
         except ApiException as error:
             if error.status == 404:

@@ -120,6 +120,7 @@ class LogFollowers:
             settings.log_tail_lines,
             settings.log_tail_bytes,
             EventBudget(settings.log_events_per_second, time.monotonic()),
+            on_event=metrics.TRAINER_EVENTS.inc,
         )
         report.restore(status)
         report.changed = False
@@ -161,9 +162,7 @@ class LogFollowers:
             stamp, text = split_timestamp(raw)
             if not cursor.admit(stamp):
                 continue
-            before = report.events
             report.feed(text, datetime.now(UTC), time.monotonic())
-            metrics.TRAINER_EVENTS.inc(report.events - before)
             throttle.request()
         throttle.request()
 

@@ -260,12 +260,10 @@ class Reconciler:
             if job is not None:
                 self._api.delete_job(namespace, job["metadata"]["name"], job["metadata"]["uid"])
         names: WorkloadNames = obs.names
-        service = self._api.get_service(namespace, names.service)
-        if service is not None and controlled_by(service, uid):
-            self._api.delete_service(namespace, names.service, service["metadata"]["uid"])
-        config_map = self._api.get_config_map(namespace, names.config_map)
-        if config_map is not None and controlled_by(config_map, uid):
-            self._api.delete_config_map(namespace, names.config_map, config_map["metadata"]["uid"])
+        for kind, name in (("Service", names.service), ("ConfigMap", names.config_map)):
+            child = self._api.get_child(kind, namespace, name)
+            if child is not None and controlled_by(child, uid):
+                self._api.delete_child(kind, namespace, name, child["metadata"]["uid"])
 
     # --- write -------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -93,7 +94,15 @@ class TrainerLog:
     budget are coalesced (the newest waits for the next token; progress is cumulative, so none is lost).
     """
 
-    def __init__(self, tail_lines: int, tail_bytes: int, budget: EventBudget | None = None) -> None:
+    def __init__(
+        self,
+        tail_lines: int,
+        tail_bytes: int,
+        budget: EventBudget | None = None,
+        on_event: Callable[[], object] = lambda: None,
+    ) -> None:
+        # Called for every event parsed, whether as it came or when a held progress event is read at last.
+        self._on_event = on_event
         self._tail: deque[str] = deque(maxlen=tail_lines)
         self._tail_bytes = tail_bytes
         self._budget = budget
@@ -147,6 +156,7 @@ class TrainerLog:
         if isinstance(event, ProgressEvent):
             self._deferred = None  # a newer progress supersedes a held one
         self.events += 1
+        self._on_event()
         heartbeat = timestamp(now)
         if isinstance(event, StartEvent):
             self._update(

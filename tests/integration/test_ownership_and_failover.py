@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from finetune_harness import Cluster, OperatorProcess, install_crd
+from finetune_harness import Cluster, OperatorProcess
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kwokpods import register_namespace_logs, wait_for
+from kwokpods import wait_for
 from testcluster import DevCluster
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
@@ -21,22 +20,6 @@ from finetune_operator.kube import Conflict, KubeApi
 pytestmark = pytest.mark.integration
 
 SPEC = {"input": {"train_data": "s3://datasets/train.jsonl"}}
-
-
-@pytest.fixture
-def cluster(devcluster: DevCluster, namespace: str) -> Cluster:
-    install_crd(devcluster.api)
-    logs = register_namespace_logs(devcluster.api, namespace, devcluster.pod_log_file(namespace, "all-pods"))
-    return Cluster(devcluster, namespace, logs)
-
-
-@pytest.fixture
-def operator(devcluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(namespace, devcluster.kubeconfig, tmp_path / "operator.log")
-    process.start()
-    yield process
-    process.stop()
-    sys.stdout.write(f"\n--- operator log ---\n{process.log_path.read_text()[-6000:]}\n")
 
 
 def owner_uids(obj: client.V1ObjectMeta) -> list[str]:
