@@ -66,14 +66,15 @@ def process_usage(pid: int) -> ProcessUsage:
 
 @dataclass
 class OperatorProcess:
-    """`finetune-operator run` watching one namespace, with more `args` and environment (`FINETUNE_*`) when given.
+    """`finetune-operator run` watching one namespace, or every one when `namespace` is None, with more `args` and
+    environment (`FINETUNE_*`) when given.
 
     `base_env` (a subclass's defaults) comes first, `env` over it.
     """
 
     base_env: ClassVar[Mapping[str, str]] = {}
 
-    namespace: str
+    namespace: str | None
     kubeconfig: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
@@ -92,7 +93,8 @@ class OperatorProcess:
             **self.base_env,
             **self.env,
         }
-        command = [sys.executable, "-m", "finetune_operator.cli", "run", "--namespace", self.namespace]
+        scope = ["--namespace", self.namespace] if self.namespace is not None else ["--all-namespaces"]
+        command = [sys.executable, "-m", "finetune_operator.cli", "run", *scope]
         command += ["--liveness", f"http://127.0.0.1:{self.health_port}/healthz", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import operatorprocess
 import yaml
-from helmchart import render_chart
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from kwokpods import PodLogs, terminate_pod, wait_for
-from testcluster import DevCluster, free_port, new_api_client
+from operatorprocess import install_operator_identity, remove_operator_identity
+from testcluster import DevCluster, new_api_client
 
 from finetune_contract.protocol import (
     EvalEvent,
@@ -39,7 +34,6 @@ from finetune_operator.crdgen import custom_resource_definition
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DESTINATION = "s3://finetune-outputs"
-RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 # Who the operator process runs as (the `operator_identity` fixture): the local cluster's admin, or the Helm
 # chart's ServiceAccount with nothing but the chart's RBAC.
 ADMIN, CHART_SERVICE_ACCOUNT = "admin", "chart-service-account"
@@ -53,41 +47,6 @@ class OperatorIdentity:
     kubeconfig: Path
     api: client.ApiClient
     service_account: str | None = None
-
-
-def kubectl(devcluster: DevCluster, *args: str, stdin: str) -> str:
-    result = subprocess.run(
-        [str(devcluster.kubectl), f"--kubeconfig={devcluster.kubeconfig}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-def service_account_kubeconfig(devcluster: DevCluster, namespace: str, service_account: str, path: Path) -> Path:
-    """A kubeconfig for the admin's server and CA, with a bound token of the ServiceAccount as its only user."""
-    token_request = client.CoreV1Api(devcluster.api).create_namespaced_service_account_token(
-        service_account, namespace, {"spec": {"expirationSeconds": 3600}}
-    )
-    admin = yaml.safe_load(devcluster.kubeconfig.read_text())
-    context = next(c["context"] for c in admin["contexts"] if c["name"] == admin["current-context"])
-    cluster = next(c["cluster"] for c in admin["clusters"] if c["name"] == context["cluster"])
-    user = f"system:serviceaccount:{namespace}:{service_account}"
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "devcluster", "cluster": cluster}],
-        "users": [{"name": user, "user": {"token": token_request.status.token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "devcluster", "user": user, "namespace": namespace}}],
-        "current-context": "operator",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
 
 
 class TokenNotSent(AssertionError):
@@ -113,23 +72,16 @@ def chart_service_account(devcluster: DevCluster, namespace: str, kubeconfig: Pa
     """The chart's RBAC applied for `namespace` (watched, and the release's namespace), and the identity of its
     ServiceAccount; the RBAC is removed afterwards."""
     install_crd(devcluster.api)
-    # The release is named like the namespace, so the cluster-scoped objects of two tests never collide.
     # With the Replicate API on: its rights are the most the chart grants.
-    values = {"watchNamespaces": [namespace], "api": {"enabled": True}}
-    rendered = render_chart(values, release=namespace, namespace=namespace)
-    rbac = [obj for obj in rendered if obj["kind"] in RBAC_KINDS]
-    manifests = yaml.safe_dump_all(rbac)
-    kubectl(devcluster, "apply", "--server-side", "-f", "-", stdin=manifests)
-    service_account = next(obj for obj in rbac if obj["kind"] == "ServiceAccount")["metadata"]["name"]
-    service_account_kubeconfig(devcluster, namespace, service_account, kubeconfig)
+    installed = install_operator_identity(devcluster, namespace, kubeconfig, values={"api": {"enabled": True}})
     api = new_api_client(kubeconfig)
     try:
         _check_the_token_is_sent(api)
-        yield OperatorIdentity(CHART_SERVICE_ACCOUNT, kubeconfig, api, service_account)
+        yield OperatorIdentity(CHART_SERVICE_ACCOUNT, kubeconfig, api, installed.service_account)
     finally:
         closing: Any = api
         closing.close()
-        kubectl(devcluster, "delete", "--ignore-not-found", "--wait=false", "-f", "-", stdin=manifests)
+        remove_operator_identity(devcluster, installed)
 
 
 def permission_errors(log_path: Path) -> list[str]:
@@ -138,70 +90,13 @@ def permission_errors(log_path: Path) -> list[str]:
     return [line for line in log_path.read_text().splitlines() if pattern.search(line)]
 
 
-@dataclass
-class OperatorProcess:
-    """`finetune-operator run` watching one namespace, or every one when `namespace` is None (with more `args` and
-    `FINETUNE_*` `env` when given)."""
+class OperatorProcess(operatorprocess.OperatorProcess):
+    """The operator of this checkout as the tests run it: outputs under the tests' bucket, progress every second."""
 
-    namespace: str | None
-    kubeconfig: Path
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    metrics_port: int = 0
-    health_port: int = 0
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> None:
-        self.metrics_port = free_port()
-        self.health_port = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
-            "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
-            "FINETUNE_METRICS_PORT": str(self.metrics_port),
-            **self.env,
-        }
-        scope = ["--namespace", self.namespace] if self.namespace is not None else ["--all-namespaces"]
-        command = [sys.executable, "-m", "finetune_operator.cli", "run", *scope]
-        command += ["--liveness", f"http://127.0.0.1:{self.health_port}/healthz", *self.args]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def metrics(self) -> str:
-        """The Prometheus exposition the operator serves."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
-            text: str = response.read().decode()
-            return text
-
-    def probe(self, path: str) -> int:
-        """The HTTP status of the operator's /healthz or /readyz."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=10) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as error:
-            return int(error.code)
-        except urllib.error.URLError:
-            return 0  # not listening (yet)
-
-    def kill(self) -> None:
-        """Kill -9: no clean-up of any kind, as when a node dies under the operator."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        return self.process.returncode
+    base_env: ClassVar[Mapping[str, str]] = {
+        "FINETUNE_DEFAULT_DESTINATION": DESTINATION,
+        "FINETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+    }
 
 
 class Cluster:

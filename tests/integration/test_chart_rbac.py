@@ -19,7 +19,6 @@ from finetune_harness import (
     Cluster,
     OperatorIdentity,
     OperatorProcess,
-    kubectl,
     permission_errors,
 )
 from helmchart import render_chart_text
@@ -104,7 +103,7 @@ def test_every_rendered_manifest_is_accepted_by_the_api_server(devcluster: DevCl
         {"api": {"enabled": True}, "settings": {"webhookAllowedNetworks": ["10.20.0.0/16"]}},
     ):
         manifests = render_chart_text(values, release=namespace, namespace=namespace)
-        out = kubectl(devcluster, "apply", "--dry-run=server", "-f", "-", stdin=manifests)
+        out = devcluster.kubectl_run("apply", "--dry-run=server", "-f", "-", stdin=manifests).stdout
         assert "deployment.apps/" in out
         assert "(server dry run)" in out
 
