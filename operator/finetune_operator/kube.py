@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import kubernetes
@@ -140,26 +141,15 @@ class KubeApi:
     ) -> Obj:
         """Merge `status` into the FineTuneJob as read at `resource_version`; Conflict if it changed since."""
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
-        try:
-            result: Obj = self._call(
-                "patch",
-                "finetunejobs/status",
-                lambda: self.custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    body,
-                    field_manager=STATE_MACHINE_MANAGER,
-                    _content_type="application/merge-patch+json",
-                    _request_timeout=self._timeout,
-                ),
-            )
-        except ApiException as error:
-            if error.status in (404, 409):
-                raise Conflict(f"{namespace}/{name} changed since it was read") from error
-            raise
+        patch = partial(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name)
+        result: Obj = self._patch(
+            "finetunejobs/status",
+            patch,
+            body,
+            STATE_MACHINE_MANAGER,
+            content_type="application/merge-patch+json",
+            conflict=(frozenset((404, 409)), f"{namespace}/{name} changed since it was read"),
+        )
         return result
 
     def patch_log_fields(self, namespace: str, name: str, uid: str, fields: Mapping[str, Any]) -> None:
@@ -176,26 +166,40 @@ class KubeApi:
         """A JSON patch that first tests the UID: a write for a deleted FineTuneJob never lands on a namesake."""
         operations: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": uid}]
         operations += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
+        patch = partial(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name)
+        self._json_patch("finetunejobs/status", patch, operations, manager)
+
+    def _json_patch(
+        self, resource: str, patch: Callable[..., Any], operations: list[dict[str, Any]], manager: str
+    ) -> None:
+        """Apply `operations`, whose first tests the object's UID; Conflict when it is gone or is a namesake."""
+        # 404: deleted. 422 (or 500 from older servers): the test failed, a namesake holds the name now.
+        codes = frozenset((404, 409, 422, 500))
+        uid = operations[0]["value"]
+        conflict = (codes, f"{resource}: no object with UID {uid} (deleted, or a namesake)")
+        self._patch(resource, patch, operations, manager, content_type="application/json-patch+json", conflict=conflict)
+
+    def _patch(
+        self,
+        resource: str,
+        patch: Callable[..., Any],
+        body: Any,
+        manager: str,
+        *,
+        content_type: str,
+        conflict: tuple[frozenset[int], str],
+    ) -> Any:
+        """`patch(body)` as `manager`; the codes of `conflict` raise Conflict with its message."""
+        codes, message = conflict
         try:
-            self._call(
+            return self._call(
                 "patch",
-                "finetunejobs/status",
-                lambda: self.custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    operations,
-                    field_manager=manager,
-                    _content_type="application/json-patch+json",
-                    _request_timeout=self._timeout,
-                ),
+                resource,
+                lambda: patch(body, field_manager=manager, _content_type=content_type, _request_timeout=self._timeout),
             )
         except ApiException as error:
-            # 404: deleted. 422 (or 500 from older servers): the test failed, a namesake holds the name now.
-            if error.status in (404, 409, 422, 500):
-                raise Conflict(f"{namespace}/{name} is not the FineTuneJob {uid}") from error
+            if error.status in codes:
+                raise Conflict(message) from error
             raise
 
     def delete_finetunejob(self, namespace: str, name: str, uid: str) -> None:
@@ -266,26 +270,14 @@ class KubeApi:
 
     def set_job_suspend(self, namespace: str, name: str, uid: str, suspend: bool) -> None:
         """Suspend or resume the Job with `uid` (a JSON patch `test`: never a namesake)."""
-        operations = [
+        operations: list[dict[str, Any]] = [
             {"op": "test", "path": "/metadata/uid", "value": uid},
             {"op": "replace", "path": "/spec/suspend", "value": suspend},
         ]
-        try:
-            self._call(
-                "patch",
-                "jobs",
-                lambda: self.batch.patch_namespaced_job(
-                    name,
-                    namespace,
-                    operations,
-                    field_manager=STATE_MACHINE_MANAGER,
-                    _content_type="application/json-patch+json",
-                    _request_timeout=self._timeout,
-                ),
+        with contextlib.suppress(Conflict):
+            self._json_patch(
+                "jobs", partial(self.batch.patch_namespaced_job, name, namespace), operations, STATE_MACHINE_MANAGER
             )
-        except ApiException as error:
-            if error.status not in (404, 422):
-                raise
 
     def delete_job(self, namespace: str, name: str, uid: str, foreground: bool = False) -> None:
         """Delete the Job with `uid`; `foreground`: it stays (with a deletionTimestamp) until its pods are gone."""
@@ -300,22 +292,9 @@ class KubeApi:
 
     def patch_pod_status(self, namespace: str, name: str, operations: list[dict[str, Any]]) -> None:
         """Apply a JSON patch (which tests the pod's UID) to a pod's status; a pod gone or re-created is left alone."""
-        try:
-            self._call(
-                "patch",
-                "pods/status",
-                lambda: self.core.patch_namespaced_pod_status(
-                    name,
-                    namespace,
-                    operations,
-                    field_manager=STATE_MACHINE_MANAGER,
-                    _content_type="application/json-patch+json",
-                    _request_timeout=self._timeout,
-                ),
-            )
-        except ApiException as error:
-            if error.status not in (404, 409, 422):
-                raise
+        patch = partial(self.core.patch_namespaced_pod_status, name, namespace)
+        with contextlib.suppress(Conflict):
+            self._json_patch("pods/status", patch, operations, STATE_MACHINE_MANAGER)
 
     def force_delete_pod(self, namespace: str, name: str, uid: str) -> None:
         """Remove a pod whose kubelet will never confirm its end (its node stopped reporting)."""

@@ -93,13 +93,7 @@ class LeaderElector:
             },
         }
         try:
-            self._api.patch_namespaced_lease(
-                config.name,
-                config.namespace,
-                body,
-                _content_type="application/merge-patch+json",
-                _request_timeout=self._timeout,
-            )
+            self._patch_lease(body)
         except Exception as error:  # 409: someone else wrote first; anything else: an outage
             log.info("cannot take or renew Lease %s/%s: %s", config.namespace, config.name, error)
             return False
@@ -107,6 +101,16 @@ class LeaderElector:
         if holder != config.identity:
             log.info("%s now leads (Lease %s/%s)", config.identity, config.namespace, config.name)
         return True
+
+    def _patch_lease(self, body: dict[str, Any]) -> None:
+        """A merge patch of the Lease; with a resourceVersion in `body`, only of the Lease as it was read."""
+        self._api.patch_namespaced_lease(
+            self._config.name,
+            self._config.namespace,
+            body,
+            _content_type="application/merge-patch+json",
+            _request_timeout=self._timeout,
+        )
 
     def _create(self, now_wall: datetime, now: float) -> bool:
         config = self._config
@@ -171,12 +175,6 @@ class LeaderElector:
                     "renewTime": _micro_time(datetime.now(UTC)),
                 },
             }
-            self._api.patch_namespaced_lease(
-                config.name,
-                config.namespace,
-                body,
-                _content_type="application/merge-patch+json",
-                _request_timeout=self._timeout,
-            )
+            self._patch_lease(body)
         except Exception as error:
             log.warning("could not release Lease %s/%s: %s", config.namespace, config.name, error)

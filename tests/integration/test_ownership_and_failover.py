@@ -102,7 +102,7 @@ def test_writes_and_deletes_never_land_on_a_re_created_namesake(devcluster: DevC
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "llama")
     wait_for(lambda: cluster.is_gone("llama"), timeout=30, description="llama to be deleted")
     cluster.create("llama", SPEC)
-    with pytest.raises(Conflict, match=f"is not the FineTuneJob {first['metadata']['uid']}"):
+    with pytest.raises(Conflict, match=f"no object with UID {first['metadata']['uid']}"):
         api.patch_log_fields(cluster.namespace, "llama", first["metadata"]["uid"], {"logs": "not mine"})
     api.delete_finetunejob(cluster.namespace, "llama", first["metadata"]["uid"])
     survivor = cluster.get("llama")
