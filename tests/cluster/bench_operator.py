@@ -14,18 +14,27 @@ The simulated trainer (simtrainer.py) plays every pod alike on both sides: valid
 rank-0 trainer pods print a growing log of progress events and exit 0 with an output after `--training-seconds`.
 It prints one table per N: makespan of each and the ratios; p50/p99 from creation to the validation and the
 training Job and from the trainer's exit to the final phase; the operator's API writes per job by kind and reads
-per job (from the API server's audit log); its peak RSS, most threads and CPU seconds per job (from /proc).
+per job (from the API server's audit log); its peak RSS, most threads and CPU seconds per job (from /proc); its
+own view from its metrics (reconciles per job, queue wait and reconcile time). With `--profile`, py-spy samples
+the operator through its run and the functions that took its CPU follow the table (the whole profile is kept in
+the workdir, in py-spy's raw collapsed-stack format, for a flame graph).
 
     python tests/cluster/bench_operator.py                     # N = 100, 300, 1000
     python tests/cluster/bench_operator.py --sizes 20 --training-seconds 10
     python tests/cluster/bench_operator.py --huge              # also N = 5000
+    python tests/cluster/bench_operator.py --sizes 1000 --profile --workdir /tmp/bench
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import math
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +57,7 @@ from operatorprocess import (
     install_operator_identity,
     remove_operator_identity,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from simtrainer import (
     BENCH_MANAGER,
     SIMULATED_DESTINATION,
@@ -116,8 +126,11 @@ class BenchResult:
     usage: Usage
     cost: OperatorCost
     progress_interval: float
+    view: OperatorView
     # the floor that does the operator's Job and pod work: a validation Job, then the training Job
     chained: SideResult | None = None
+    # profile_summary's lines, with --profile
+    profile: list[str] = field(default_factory=list)
 
     def ratio(self, floor: SideResult) -> float:
         return self.operator.makespan / floor.makespan if floor.makespan else math.inf
@@ -175,6 +188,14 @@ def format_table(result: BenchResult) -> str:
         ("operator peak RSS (MB)", "", f"{result.cost.peak_rss_bytes / 2**20:.0f}", ""),
         ("operator threads (most)", "", str(result.cost.most_threads), ""),
         ("operator CPU seconds per job", "", f"{result.cost.cpu_seconds / n:.3f}", ""),
+        ("operator's metrics: reconciles per job", "", f"{result.view.reconciles / n:.1f}", ""),
+        ("  queue wait p99 (s, bucket bound)", "", f"{result.view.queue_wait_p99:g}", ""),
+        (
+            "  reconcile mean / p99 (s, bucket bound)",
+            "",
+            f"{result.view.reconcile_mean:.3f} / {result.view.reconcile_p99:g}",
+            "",
+        ),
     ]
     header = (
         f"N = {n}: one A40 node per job; validation {timing.validation_seconds:g} s, training "
@@ -184,7 +205,97 @@ def format_table(result: BenchResult) -> str:
     width = max(len(row[0]) for row in rows)
     lines = [header, f"{'':<{width}}  {'bare Jobs':>12}  {'FineTuneJobs':>12}  {'ratio':>6}"]
     lines += [f"{a:<{width}}  {b:>12}  {c:>12}  {d:>6}" for a, b, c, d in rows]
-    return "\n".join(lines)
+    return "\n".join([*lines, *result.profile])
+
+
+# ---------------------------------------------------------------------------------------------- the operator's view
+
+
+@dataclass(frozen=True)
+class OperatorView:
+    """What the operator's own metrics say about the run."""
+
+    reconciles: float
+    # p99s as the upper bound of the histogram bucket they fall in
+    queue_wait_p99: float
+    reconcile_mean: float
+    reconcile_p99: float
+
+
+def histogram_p99(buckets: Sequence[tuple[float, float]]) -> float:
+    """The upper bound of the bucket that holds the 99th percentile, from cumulative (le, count) pairs."""
+    total = buckets[-1][1] if buckets else 0.0
+    if not total:
+        return math.nan
+    return next(bound for bound, count in buckets if count >= 0.99 * total)
+
+
+def operator_view(exposition: str) -> OperatorView:
+    """Reconciles, queue wait and reconcile time from the operator's Prometheus exposition."""
+    samples: dict[str, float] = collections.defaultdict(float)
+    buckets: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets[sample.name].append((float(sample.labels["le"]), sample.value))
+            else:
+                samples[sample.name] += sample.value
+    reconciles = samples["finetune_reconcile_duration_seconds_count"]
+    return OperatorView(
+        reconciles=samples["finetune_reconciles_total"],
+        queue_wait_p99=histogram_p99(sorted(buckets["finetune_workqueue_wait_seconds_bucket"])),
+        reconcile_mean=samples["finetune_reconcile_duration_seconds_sum"] / reconciles if reconciles else math.nan,
+        reconcile_p99=histogram_p99(sorted(buckets["finetune_reconcile_duration_seconds_bucket"])),
+    )
+
+
+class Profiler:
+    """py-spy sampling the operator process's busy threads (those on CPU or in a call, not waiting for work)."""
+
+    RATE = 25  # samples a second: little enough not to weigh on the run
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.output = output
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        command = [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(self.RATE)]
+        command += ["--nonblocking", "--output", str(output)]
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        # py-spy writes its output when it is interrupted.
+        self._process.send_signal(signal.SIGINT)
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+_FRAME_LINE = re.compile(r":\d+\)$")
+_PACKAGE = re.compile(r"\((?:.*/site-packages/|.*/operator/|.*/lib/python3\.\d+/)?([A-Za-z_]\w*)")
+
+
+def profile_summary(folded: str, top: int = 10) -> list[str]:
+    """Where the operator's busy samples went, from py-spy's collapsed stacks: the share of each package in the
+    stacks (a sample counts once per package it passes through) and the functions with the most own samples."""
+    own: collections.Counter[str] = collections.Counter()
+    packages: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        own[_FRAME_LINE.sub(")", frames[-1])] += count
+        for package in {match.group(1) for frame in frames if (match := _PACKAGE.search(frame))}:
+            packages[package] += count
+    if not total:
+        return ["py-spy recorded no busy samples"]
+    lines = [f"where the operator's busy time went (py-spy, {total} samples at {Profiler.RATE}/s):"]
+    lines.append("  by package: " + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in packages.most_common(8)))
+    lines += [f"  {100 * count / total:5.1f}%  {frame}" for frame, count in own.most_common(top)]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- the floor
@@ -318,9 +429,18 @@ class UsageSampler:
         self._thread.join(timeout=5)
 
 
+@dataclass
+class OperatorRun:
+    side: SideResult
+    usage: Usage
+    cost: OperatorCost
+    view: OperatorView
+    profile: list[str]
+
+
 def run_operator(
-    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path
-) -> tuple[SideResult, Usage, OperatorCost, float]:
+    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path, *, profile: bool = False
+) -> OperatorRun:
     if devcluster.audit_log is None:
         raise RuntimeError("the cluster writes no audit log: start it with `devcluster.py up --audit`")
     namespace = create_namespace(devcluster.api, f"bench-op-{n}-{uuid.uuid4().hex[:5]}")
@@ -335,6 +455,7 @@ def run_operator(
         with SimTrainer(devcluster.kubeconfig, namespace, workdir / "pod-logs", timing) as trainer:
             operator.start()
             wait_for(operator.healthy, timeout=120, description="the operator's liveness endpoint")
+            profiler = Profiler(operator.pid, workdir / f"operator-{n}.pyspy.txt") if profile else None
             audit_offset = devcluster.audit_log.stat().st_size
             before = operator.usage()
             names = [f"ftj-{i}" for i in range(n)]
@@ -355,6 +476,11 @@ def run_operator(
                 )
                 after = operator.usage()
                 cost = OperatorCost(after.peak_rss_bytes, sampler.most_threads, after.cpu_seconds - before.cpu_seconds)
+            view = operator_view(operator.metrics())
+            summary = []
+            if profiler is not None:
+                profiler.stop()
+                summary = profile_summary(profiler.output.read_text() if profiler.output.exists() else "")
             jobs, pods = trainer.jobs(), trainer.pods()
         operator.stop()
         training = {job.owner_name: job for job in jobs if job.component == Component.TRAINING.value}
@@ -382,7 +508,7 @@ def run_operator(
         )
         events = read_audit_events(devcluster.audit_log, audit_offset)
         usage = operator_usage(events, identity.username, namespace, names)
-        return side, usage, cost, Settings.model_fields["progress_interval_seconds"].default
+        return OperatorRun(side, usage, cost, view, summary)
     finally:
         operator.stop()
         delete_namespace(devcluster.api, namespace, timeout=side_timeout(n, timing))
@@ -404,7 +530,13 @@ def side_timeout(n: int, timing: TrainerTiming) -> float:
 
 
 def run_size(
-    devcluster: DevCluster, n: int, timing: TrainerTiming, workdir: Path, *, chained_floor: bool = True
+    devcluster: DevCluster,
+    n: int,
+    timing: TrainerTiming,
+    workdir: Path,
+    *,
+    chained_floor: bool = True,
+    profile: bool = False,
 ) -> BenchResult:
     """One N: the floor (and, `chained_floor`, the floor of validation then training Jobs), then the operator."""
     ensure_nodes(devcluster.api, NODE_POOL, gpu_nodes=n, cpu_nodes=math.ceil(n / PODS_PER_CPU_NODE))
@@ -415,8 +547,9 @@ def run_size(
         say(f"N = {n}: {n} bare validation Jobs, each followed by its training Job")
         chained = run_bare(devcluster, n, timing, workdir, validation_first=True)
     say(f"N = {n}: {n} FineTuneJobs")
-    side, usage, cost, interval = run_operator(devcluster, n, timing, workdir)
-    return BenchResult(n, timing, bare, side, usage, cost, interval, chained)
+    run = run_operator(devcluster, n, timing, workdir, profile=profile)
+    interval = Settings.model_fields["progress_interval_seconds"].default
+    return BenchResult(n, timing, bare, run.side, run.usage, run.cost, interval, run.view, chained, run.profile)
 
 
 @dataclass
@@ -426,6 +559,7 @@ class Options:
     keep_nodes: bool = False
     chained_floor: bool = True
     workdir: Path | None = None
+    profile: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -442,10 +576,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="skip the second floor (validation Jobs, each followed by its training Job)",
     )
     parser.add_argument("--workdir", type=Path, help="where the operator logs and pod logs go (default: a temp dir)")
+    parser.add_argument("--profile", action="store_true", help="sample the operator with py-spy and summarise")
     args = parser.parse_args(argv)
     sizes = [*args.sizes, *([HUGE_SIZE] if args.huge else [])]
     timing = TrainerTiming(args.validation_seconds, args.training_seconds, args.step_seconds)
-    return Options(sizes, timing, args.keep_nodes, not args.no_chained_floor, args.workdir)
+    return Options(sizes, timing, args.keep_nodes, not args.no_chained_floor, args.workdir, args.profile)
 
 
 def run(devcluster: DevCluster, options: Options) -> list[BenchResult]:
@@ -455,7 +590,14 @@ def run(devcluster: DevCluster, options: Options) -> list[BenchResult]:
         workdir.mkdir(parents=True, exist_ok=True)
         try:
             for n in options.sizes:
-                result = run_size(devcluster, n, options.timing, workdir, chained_floor=options.chained_floor)
+                result = run_size(
+                    devcluster,
+                    n,
+                    options.timing,
+                    workdir,
+                    chained_floor=options.chained_floor,
+                    profile=options.profile,
+                )
                 print(format_table(result), "\n", flush=True)
                 results.append(result)
         finally:

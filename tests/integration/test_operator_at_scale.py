@@ -40,6 +40,7 @@ def test_twenty_finetunejobs_cost_few_status_writes_and_none_that_echo(audited: 
     assert usage.most("status_writes") <= MOST_STATUS_WRITES_PER_LIFECYCLE, format_table(result)
     assert usage.total().noop_status_writes == 0, format_table(result)
     assert usage.most("creates") >= 3  # the audit log saw the operator's ConfigMap, validation Job, training Job
+    assert result.view.reconciles >= 20  # the operator's metrics were read
 
 
 def test_short_fault_run_loses_no_output_and_adopts_none(devcluster: DevCluster, tmp_path: Path) -> None:

@@ -1,0 +1,53 @@
+"""The benchmark's reading of the operator's own metrics, and its summary of a py-spy profile."""
+
+from __future__ import annotations
+
+import math
+
+from bench_operator import histogram_p99, operator_view, profile_summary
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+
+def test_the_operator_view_reads_reconciles_and_the_p99_bucket_of_queue_wait_and_reconcile_time() -> None:
+    registry = CollectorRegistry()
+    reconciles = Counter("finetune_reconciles", "", ["result"], registry=registry)
+    wait = Histogram("finetune_workqueue_wait_seconds", "", registry=registry)
+    duration = Histogram("finetune_reconcile_duration_seconds", "", registry=registry)
+    reconciles.labels(result="ok").inc(90)
+    reconciles.labels(result="error").inc(10)
+    for _ in range(99):
+        wait.observe(0.02)
+        duration.observe(0.004)
+    wait.observe(3.0)
+    duration.observe(0.2)
+    view = operator_view(generate_latest(registry).decode())
+    assert view.reconciles == 100
+    assert view.queue_wait_p99 == 0.025  # 99 of 100 waits are in the bucket up to 25 ms
+    assert view.reconcile_p99 == 0.005
+    assert math.isclose(view.reconcile_mean, (99 * 0.004 + 0.2) / 100)
+
+
+def test_a_histogram_without_observations_has_no_p99() -> None:
+    assert math.isnan(histogram_p99([]))
+    assert math.isnan(histogram_p99([(0.1, 0.0), (math.inf, 0.0)]))
+
+
+def test_the_profile_summary_counts_packages_once_per_sample_and_functions_by_own_time() -> None:
+    site = "/work/.venv/lib/python3.11/site-packages"
+    folded = "\n".join(
+        [
+            "run (kopf/_core/reactor/running.py:10);loads (json/decoder.py:5);raw_decode (json/decoder.py:7) 30",
+            f"_call ({site}/finetune_operator/kube.py:120);request ({site}/urllib3/pool.py:3);read (ssl.py:9) 50",
+            f"_call ({site}/finetune_operator/kube.py:121);deserialize ({site}/kubernetes/client.py:4) 20",
+        ]
+    )
+    lines = profile_summary(folded)
+    assert lines[0].startswith("where the operator's busy time went (py-spy, 100 samples")
+    assert "finetune_operator 70%" in lines[1]
+    assert "urllib3 50%" in lines[1]
+    # Lines of one function count together.
+    assert lines[2].split() == ["50.0%", "read", "(ssl.py)"]
+
+
+def test_an_empty_profile_says_so() -> None:
+    assert profile_summary("") == ["py-spy recorded no busy samples"]
