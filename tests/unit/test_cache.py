@@ -22,6 +22,7 @@ from finetune_operator import cache as cache_module
 from finetune_operator.cache import LAST_APPLIED_ANNOTATION, Cache, cached_form
 from finetune_operator.kube import KubeApi
 from finetune_operator.lifecycle import Observation, decide
+from finetune_operator.lifecycle.lost_pods import lost_pods
 from finetune_operator.log_follower import LogFollowers
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.settings import Settings
@@ -224,7 +225,8 @@ def observe(items: list[dict[str, Any]], now: datetime, keep_whole: bool, monkey
 
 
 def children_read(observation: Observation, log: list[tuple[Path_, Any]]) -> Observation:
-    """`observation` with its Jobs and pods writing down what is read from them."""
+    """`observation` with its Jobs and pods writing down what is read from them (by the lifecycle, and by the
+    reconciler's look for pods lost with their node)."""
 
     def wrap(obj: Any, name: str) -> Any:
         return None if obj is None else Reads(obj, log, (name,))
@@ -252,7 +254,7 @@ def test_a_reconcile_decides_the_same_from_the_cached_form_as_from_the_whole_obj
 
 
 @pytest.mark.parametrize(("state", "change"), SCENARIOS)
-def test_the_cached_form_keeps_every_field_the_lifecycle_reads(
+def test_the_cached_form_keeps_every_field_the_lifecycle_and_the_lost_pod_check_read(
     state: str, change: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     items = scenario(state, change)
@@ -260,7 +262,9 @@ def test_the_cached_form_keeps_every_field_the_lifecycle_reads(
     whole = observe(items, now, keep_whole=True, monkeypatch=monkeypatch)
     cached = observe(items, now, keep_whole=False, monkeypatch=monkeypatch)
     log: list[tuple[Path_, Any]] = []
-    decide(children_read(whole, log))
+    read = children_read(whole, log)
+    decide(read)
+    lost_pods([*read.validation_pods, *read.train_pods], now)
     assert log, "the lifecycle read nothing of the children"
     for path, value in log:
         head, *rest = path
