@@ -4,6 +4,11 @@ A reconcile reads only from here, never from the API server (controller-runtime'
 stream only the operator's own children (a server-side label selector), so unrelated pods never reach memory.
 An object is replaced only by a newer resourceVersion, so a late watch event never undoes the response of the
 operator's own write. A periodic relist (`replace_children`) drops what a watch missed while it was down.
+
+Each object is kept in the form reconciles read (`cached_form`, controller-runtime's cache transform): never its
+`managedFields` or last-applied annotation, and of a Job or pod only the fields the lifecycle reads, not the pod
+template or the container specs. A FineTuneJob keeps its spec and status whole: the state machine, the log
+follower and the webhooks start from them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_operator.conventions import JOB_NAME_LABEL
+from finetune_operator.conventions import JOB_NAME_LABEL, TRAINER_CONTAINER
 from finetune_operator.lifecycle.observation import ChildWarning
 from finetune_operator.timestamps import parse_timestamp
 
@@ -26,6 +31,46 @@ MAX_DEPARTED = 8
 # cannot create pods, a volume cannot be attached or mounted. (The scheduler's and the kubelet's other news is
 # in the pods' own conditions and container states.)
 _TELLING_WARNINGS = frozenset(("FailedCreate", "FailedMount", "FailedAttachVolume"))
+# Written by kubectl apply: the whole object again, as a string.
+LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
+# Of a Job and a pod, the fields reconciles read (lifecycle.observed, lifecycle.phase, reconciler).
+_JOB_SPEC_FIELDS = ("suspend",)
+_POD_SPEC_FIELDS = ("nodeName",)
+_POD_STATUS_FIELDS = ("phase", "conditions")
+_CONTAINER_STATUS_FIELDS = ("name", "state")
+
+
+def _picked(obj: Mapping[str, Any], fields: Iterable[str]) -> Obj:
+    return {name: obj[name] for name in fields if name in obj}
+
+
+def _cached_metadata(metadata: Mapping[str, Any]) -> Obj:
+    kept = {name: value for name, value in metadata.items() if name != "managedFields"}
+    annotations = kept.get("annotations")
+    if annotations and LAST_APPLIED_ANNOTATION in annotations:
+        kept["annotations"] = {key: value for key, value in annotations.items() if key != LAST_APPLIED_ANNOTATION}
+    return kept
+
+
+def cached_form(kind: str, obj: Mapping[str, Any]) -> Obj:
+    """What the cache keeps of a FineTuneJob, Job or Pod (`kind`) as the API server returned it."""
+    metadata = _cached_metadata(obj.get("metadata") or {})
+    if kind == "FineTuneJob":
+        return {**obj, "metadata": metadata}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    if kind == "Job":
+        return {"metadata": metadata, "spec": _picked(spec, _JOB_SPEC_FIELDS), "status": status}
+    if kind == "Pod":
+        kept_status = _picked(status, _POD_STATUS_FIELDS)
+        if "containerStatuses" in status:
+            kept_status["containerStatuses"] = [
+                _picked(container, _CONTAINER_STATUS_FIELDS)
+                for container in status["containerStatuses"] or []
+                if container.get("name") == TRAINER_CONTAINER
+            ]
+        return {"metadata": metadata, "spec": _picked(spec, _POD_SPEC_FIELDS), "status": kept_status}
+    raise ValueError(f"the cache keeps no {kind}")
 
 
 def _resource_version(obj: Mapping[str, Any]) -> int:
@@ -78,14 +123,16 @@ class Cache:
         self._pods_by_owner: dict[Key, set[Key]] = {}
         self._warnings: dict[Key, list[ChildWarning]] = {}
         # Succeeded pods that were deleted (an eviction racing the exit): their termination message holds the
-        # output, which must not vanish with them. Kept until their FineTuneJob goes.
+        # output, which must not vanish with them. Kept until their FineTuneJob goes; like the warnings, kept only
+        # for a FineTuneJob in the cache (its children outlive it while the garbage collector removes them).
         self._departed: dict[Key, dict[Key, Obj]] = {}
 
     # --- writes, from the watches and from the operator's own responses --------------------------------------
 
     def upsert_finetunejob(self, obj: Obj) -> None:
+        kept = cached_form("FineTuneJob", obj)
         with self._lock:
-            self._finetunejobs.upsert(obj)
+            self._finetunejobs.upsert(kept)
 
     def remove_finetunejob(self, obj: Mapping[str, Any]) -> None:
         with self._lock:
@@ -96,11 +143,13 @@ class Cache:
 
     def replace_finetunejobs(self, finetunejobs: Iterable[Obj]) -> set[Key]:
         """A fresh list of every FineTuneJob: drop what is gone, keep what is newer. Returns the keys touched."""
-        listed = {_key(obj): obj for obj in finetunejobs}
+        listed = {_key(obj): cached_form("FineTuneJob", obj) for obj in finetunejobs}
         with self._lock:
             gone = set(self._finetunejobs.objects) - set(listed)
             for key in gone:
                 del self._finetunejobs.objects[key]
+                self._departed.pop(key, None)
+                self._warnings.pop(key, None)
             changed = {key for key, obj in listed.items() if self._finetunejobs.upsert(obj)}
         return gone | changed
 
@@ -114,26 +163,33 @@ class Cache:
         return counts
 
     def upsert_job(self, obj: Obj) -> None:
+        kept = cached_form("Job", obj)
         with self._lock:
-            self._jobs.upsert(obj)
+            self._jobs.upsert(kept)
 
     def remove_job(self, obj: Mapping[str, Any]) -> None:
         with self._lock:
             self._jobs.remove(obj)
 
     def upsert_pod(self, obj: Obj) -> None:
+        kept = cached_form("Pod", obj)
         with self._lock:
-            if self._pods.upsert(obj):
-                owner = finetunejob_key(obj)
+            if self._pods.upsert(kept):
+                owner = finetunejob_key(kept)
                 if owner is not None:
-                    self._pods_by_owner.setdefault(owner, set()).add(_key(obj))
+                    self._pods_by_owner.setdefault(owner, set()).add(_key(kept))
 
     def remove_pod(self, obj: Mapping[str, Any]) -> None:
         with self._lock:
             last = self._pods.objects.get(_key(obj))
             self._pods.remove(obj)
             owner = finetunejob_key(obj)
-            if owner is not None and last is not None and (last.get("status") or {}).get("phase") == "Succeeded":
+            if (
+                owner is not None
+                and owner in self._finetunejobs.objects
+                and last is not None
+                and last["status"].get("phase") == "Succeeded"
+            ):
                 departed = self._departed.setdefault(owner, {})
                 departed[_key(last)] = last
                 while len(departed) > MAX_DEPARTED:
@@ -147,8 +203,8 @@ class Cache:
 
     def replace_children(self, jobs: Iterable[Obj], pods: Iterable[Obj]) -> set[Key]:
         """A fresh list of every child: drop what is gone, keep what is newer. Returns the FineTuneJobs touched."""
-        listed_jobs = {_key(job): job for job in jobs}
-        listed_pods = {_key(pod): pod for pod in pods}
+        listed_jobs = {_key(job): cached_form("Job", job) for job in jobs}
+        listed_pods = {_key(pod): cached_form("Pod", pod) for pod in pods}
         touched: set[Key] = set()
         with self._lock:
             for store, listed in ((self._jobs, listed_jobs), (self._pods, listed_pods)):
@@ -182,7 +238,7 @@ class Cache:
             if child is None or child["metadata"].get("uid") != involved.get("uid"):
                 return None
             owner = finetunejob_key(child)
-            if owner is None:
+            if owner is None or owner not in self._finetunejobs.objects:
                 return None
             stamp = event.get("firstTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
             warning = ChildWarning(

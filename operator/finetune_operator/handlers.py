@@ -114,6 +114,8 @@ async def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     deleted = event["type"] == "DELETED"
     if deleted:
         runtime.cache.remove_finetunejob(body)
+        # A FineTuneJob deleted at once (no finalizer) is never seen with a deletionTimestamp by a reconcile.
+        runtime.followers.forget(body["metadata"]["uid"])
     else:
         runtime.cache.upsert_finetunejob(body)
     metadata = body["metadata"]

@@ -77,8 +77,9 @@ class Reconciler:
         self._settings = settings
         self._followers = followers
         self._clock = clock or (lambda: datetime.now(UTC))
-        # Disrupted trainer pods already counted and announced, per FineTuneJob UID (kept while it runs).
-        self._disruptions: dict[str, frozenset[str]] = {}
+        # Disrupted trainer pods already counted and announced, per FineTuneJob (its UID, the pods' UIDs), kept
+        # while it runs: dropped when it finishes or goes, so a deleted job leaves nothing behind.
+        self._disruptions: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         with metrics.RECONCILE_SECONDS.time():
@@ -93,6 +94,7 @@ class Reconciler:
     def reconcile_blocking(self, namespace: str, name: str) -> float | None:
         finetunejob = self._cache.finetunejob(namespace, name)
         if finetunejob is None or finetunejob["metadata"].get("deletionTimestamp"):
+            self._disruptions.pop((namespace, name), None)
             if finetunejob is not None:
                 self._followers.forget(finetunejob["metadata"]["uid"])
             return None
@@ -115,11 +117,13 @@ class Reconciler:
         except Conflict:
             metrics.WRITE_CONFLICTS.labels(source="reconcile").inc()
             return CONFLICT_RETRY_SECONDS
-        uid = finetunejob["metadata"]["uid"]
-        if decision.status.phase.finished:
-            self._disruptions.pop(uid, None)
+        metadata = finetunejob["metadata"]
+        key, uid = (metadata["namespace"], metadata["name"]), metadata["uid"]
+        disrupted = observation.known_disruptions | disrupted_pods(observation.train_pods)
+        if disrupted and not decision.status.phase.finished:
+            self._disruptions[key] = (uid, disrupted)
         else:
-            self._disruptions[uid] = observation.known_disruptions | disrupted_pods(observation.train_pods)
+            self._disruptions.pop(key, None)
         for notice in decision.notices:
             self._api.record_event(finetunejob, notice.type, notice.reason, notice.message)
         if decision.status.phase is not observation.status.phase:
@@ -158,6 +162,7 @@ class Reconciler:
         validation_job = self._owned_job(owner, names.validation_job, conflicts)
         train_job = self._owned_job(owner, names.train_job, conflicts)
         pods = self._cache.pods_of(owner.namespace, owner.name)
+        known_uid, known_disruptions = self._disruptions.get((owner.namespace, owner.name), ("", frozenset()))
         observation = Observation(
             spec=spec,
             status=_parse_status(finetunejob.get("status")),
@@ -174,7 +179,7 @@ class Reconciler:
             name_conflicts=conflicts,
             warnings=self._cache.warnings_of(owner.namespace, owner.name),
             stuck_timeout_seconds=self._settings.stuck_pod_seconds,
-            known_disruptions=self._disruptions.get(owner.uid, frozenset()),
+            known_disruptions=known_disruptions if known_uid == owner.uid else frozenset(),
         )
         return observation, run
 

@@ -113,6 +113,8 @@ class SideResult:
 @dataclass
 class OperatorCost:
     peak_rss_bytes: int
+    # resident once healthy, before the first FineTuneJob: what the per-job memory is counted from
+    start_rss_bytes: int
     most_threads: int
     cpu_seconds: float
 
@@ -148,6 +150,7 @@ def format_table(result: BenchResult) -> str:
     n, usage = result.n, result.usage
     total = usage.total()
     timing = result.timing
+    per_job_rss = (result.cost.peak_rss_bytes - result.cost.start_rss_bytes) / n
 
     def per_job(count: int) -> str:
         return f"{count / n:.2f}"
@@ -186,6 +189,8 @@ def format_table(result: BenchResult) -> str:
         ("operator reads per job (get, list)", "", per_job(total.reads), str(usage.most("reads"))),
         ("operator watches, Lease writes (total)", "", f"{total.watches}, {usage.lease_writes}", ""),
         ("operator peak RSS (MB)", "", f"{result.cost.peak_rss_bytes / 2**20:.0f}", ""),
+        ("  RSS before the first FineTuneJob (MB)", "", f"{result.cost.start_rss_bytes / 2**20:.0f}", ""),
+        ("  per job: (peak - before) / N (KB)", "", f"{per_job_rss / 2**10:.0f}", ""),
         ("operator threads (most)", "", str(result.cost.most_threads), ""),
         ("operator CPU seconds per job", "", f"{result.cost.cpu_seconds / n:.3f}", ""),
         ("operator's metrics: reconciles per job", "", f"{result.view.reconciles / n:.1f}", ""),
@@ -475,7 +480,9 @@ def run_operator(
                     description=f"{n} FineTuneJobs to reach a final phase",
                 )
                 after = operator.usage()
-                cost = OperatorCost(after.peak_rss_bytes, sampler.most_threads, after.cpu_seconds - before.cpu_seconds)
+                cost = OperatorCost(
+                    after.peak_rss_bytes, before.rss_bytes, sampler.most_threads, after.cpu_seconds - before.cpu_seconds
+                )
             view = operator_view(operator.metrics())
             summary = []
             if profiler is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 from finetune_operator import metrics
 from finetune_operator.api.spec import DEFAULT_SIGNING_KEY, WebhookSpec
 from finetune_operator.api.status import FineTuneJobStatus, WebhookDelivery, WebhookStatus
+from finetune_operator.cache import cached_form
 from finetune_operator.replicate_api.mapping import to_training
 from finetune_operator.settings import Settings
 from finetune_operator.webhooks import deliveries
@@ -109,9 +109,9 @@ class WebhookDispatcher:
         if job is None:
             if not (body.get("spec") or {}).get("webhook"):
                 return
-            job = self._jobs[uid] = _Job(body=copy.deepcopy(dict(body)))
+            job = self._jobs[uid] = _Job(body=cached_form("FineTuneJob", body))
         else:
-            job.body = copy.deepcopy(dict(body))
+            job.body = cached_form("FineTuneJob", body)
         job.wake.set()
         if job.task is None or job.task.done():
             job.task = asyncio.create_task(self._run(job), name=f"webhooks-{uid}")
