@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from asyncio import sslproto
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,10 +17,19 @@ from kubernetes.client import Configuration
 
 # A line longer than this is cut: one runaway line must not hold the operator's memory.
 MAX_LINE_BYTES = 64 * 1024
+# asyncio gives every TLS connection a read buffer of SSLProtocol.max_size (256 KiB; CPython gh-109534). With one
+# followed log per running job that buffer was most of the operator's memory per job; log chunks are small.
+TLS_READ_BUFFER_BYTES = 32 * 1024
+
+
+def limit_tls_read_buffer(size: int = TLS_READ_BUFFER_BYTES) -> None:
+    """Make asyncio's TLS connections opened from now on read through a buffer of `size` bytes."""
+    sslproto.SSLProtocol.max_size = min(size, sslproto.SSLProtocol.max_size)
 
 
 class PodLogs:
     def __init__(self, configuration: Configuration, connect_timeout: float = 10.0) -> None:
+        limit_tls_read_buffer()
         self._configuration = configuration
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
