@@ -126,23 +126,13 @@ async def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
 @kopf.on.event("batch", "v1", "jobs")
 async def job_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = _runtime(memo)
-    body = _body(event)
-    if event["type"] == "DELETED":
-        runtime.cache.remove_job(body)
-    else:
-        runtime.cache.upsert_job(body)
-    _enqueue_owner(runtime, body)
+    _child_changed(runtime, event, runtime.cache.upsert_job, runtime.cache.remove_job)
 
 
 @kopf.on.event("", "v1", "pods")
 async def pod_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = _runtime(memo)
-    body = _body(event)
-    if event["type"] == "DELETED":
-        runtime.cache.remove_pod(body)
-    else:
-        runtime.cache.upsert_pod(body)
-    _enqueue_owner(runtime, body)
+    _child_changed(runtime, event, runtime.cache.upsert_pod, runtime.cache.remove_pod)
 
 
 @kopf.on.event("", "v1", "events")
@@ -174,8 +164,19 @@ def _phase_count(cache: Cache, phase: str) -> Callable[[], float]:
     return lambda: cache.phase_counts().get(phase, 0)
 
 
-def _enqueue_owner(runtime: Runtime, child: dict[str, Any]) -> None:
-    key = finetunejob_key(child)
+def _child_changed(
+    runtime: Runtime,
+    event: kopf.RawEvent,
+    upsert: Callable[[dict[str, Any]], None],
+    remove: Callable[[dict[str, Any]], None],
+) -> None:
+    """A Job or pod of ours changed: keep the cache current and reconcile its FineTuneJob."""
+    body = _body(event)
+    if event["type"] == "DELETED":
+        remove(body)
+    else:
+        upsert(body)
+    key = finetunejob_key(body)
     if key is not None:
         runtime.queue.add(key)
 
