@@ -298,6 +298,25 @@ class KubeApi:
             propagation="Foreground" if foreground else "Background",
         )
 
+    def patch_pod_status(self, namespace: str, name: str, operations: list[dict[str, Any]]) -> None:
+        """Apply a JSON patch (which tests the pod's UID) to a pod's status; a pod gone or re-created is left alone."""
+        try:
+            self._call(
+                "patch",
+                "pods/status",
+                lambda: self.core.patch_namespaced_pod_status(
+                    name,
+                    namespace,
+                    operations,
+                    field_manager=STATE_MACHINE_MANAGER,
+                    _content_type="application/json-patch+json",
+                    _request_timeout=self._timeout,
+                ),
+            )
+        except ApiException as error:
+            if error.status not in (404, 409, 422):
+                raise
+
     def force_delete_pod(self, namespace: str, name: str, uid: str) -> None:
         """Remove a pod whose kubelet will never confirm its end (its node stopped reporting)."""
         options = kubernetes.client.V1DeleteOptions(

@@ -24,12 +24,13 @@ from finetune_operator.cache import Cache
 from finetune_operator.conventions import COMPONENT_LABEL, KUEUE_QUEUE_LABEL, TRAINER_CONTAINER, Component
 from finetune_operator.kube import Conflict, KubeApi, Obj, Rejected
 from finetune_operator.lifecycle import Action, Decision, Observation
+from finetune_operator.lifecycle.lost_pods import failed_status_patch, lost_pods
 from finetune_operator.lifecycle.observed import completion_index, disrupted_pods, newest_first
 from finetune_operator.log_follower import LogFollowers, Stream
 from finetune_operator.naming import WorkloadNames, workload_names
 from finetune_operator.resolution import InvalidSpec, Owner, RunInfo, resolve_run
 from finetune_operator.settings import Settings
-from finetune_operator.timestamps import parse_timestamp
+from finetune_operator.timestamps import timestamp
 from finetune_operator.workload import build_config_map, build_service, build_train_job, build_validation_job
 
 log = logging.getLogger(__name__)
@@ -187,25 +188,19 @@ class Reconciler:
         return job
 
     def _release_lost_pods(self, finetunejob: Obj, obs: Observation) -> None:
-        """Force-delete a pod that has been terminating far past its grace: its node stopped reporting, so no
-        kubelet will ever confirm its end, and its Job would wait for it forever before it makes a replacement."""
-        for pod in [*obs.validation_pods, *obs.train_pods]:
-            metadata = pod["metadata"]
-            since = metadata.get("deletionTimestamp")
-            if not since:
-                continue
-            grace = float(metadata.get("deletionGracePeriodSeconds") or 0)
-            overdue = (obs.now - parse_timestamp(str(since))).total_seconds() - grace
-            if overdue < self._settings.lost_node_seconds:
-                continue
-            log.info("%s: releasing pod %s, terminating since %s", obs.names.train_job, metadata["name"], since)
-            self._api.force_delete_pod(metadata["namespace"], metadata["name"], metadata["uid"])
+        """Fail and remove the pods whose node stopped reporting (lifecycle.lost_pods says why). An active job's
+        resync brings the reconcile that finds them."""
+        for pod in lost_pods([*obs.validation_pods, *obs.train_pods], obs.now):
+            log.info("%s: releasing pod %s, %ds past its grace", obs.names.train_job, pod.name, pod.overdue_seconds)
+            if pod.needs_failing:
+                self._api.patch_pod_status(pod.namespace, pod.name, failed_status_patch(pod, timestamp(obs.now)))
+            self._api.force_delete_pod(pod.namespace, pod.name, pod.uid)
             self._api.record_event(
                 finetunejob,
                 "Warning",
                 "LostPodReleased",
-                f"pod {metadata['name']} was still terminating {int(overdue)}s past its grace period (its node "
-                "stopped reporting): removed, so that its replacement can start",
+                f"pod {pod.name} was still terminating {int(pod.overdue_seconds)}s past its grace period (its node "
+                "stopped reporting): set Failed as a disruption and removed, so that its replacement can start",
             )
 
     # --- act ---------------------------------------------------------------------------------------------

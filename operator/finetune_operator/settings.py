@@ -28,7 +28,10 @@ class Settings(BaseSettings):
         3600, ge=60, description="The data validation Job fails (DeadlineExceeded) after this long."
     )
     lost_node_seconds: int = Field(
-        120, ge=0, description="A trainer pod on a node that stops reporting (NotReady) is replaced after this long."
+        120,
+        ge=0,
+        description="A trainer pod on a node that stops reporting (NotReady) is evicted after this long, and "
+        "replaced 30 s after its grace period.",
     )
     stuck_pod_seconds: float = Field(
         600.0,

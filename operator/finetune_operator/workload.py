@@ -100,7 +100,7 @@ def build_validation_job(run: RunInfo) -> Manifest:
         "spec": {
             "backoffLimit": VALIDATION_BACKOFF_LIMIT,
             "activeDeadlineSeconds": settings.validation_deadline_seconds,
-            "podFailurePolicy": {"rules": [_fail_on_user_error()]},
+            "podFailurePolicy": {"rules": [_fail_on_user_error(), _ignore_disruptions()]},
             "template": {
                 "metadata": {"labels": child_labels(run.owner.name, Component.VALIDATION)},
                 "spec": _pod_spec(run, container, storage.volumes, **placement),

@@ -271,9 +271,11 @@ class Cluster:
         self,
         name: str,
         component: str,
+        *,
         index: int | None = 0,
         phase: str = "Running",
         exclude: frozenset[str] = frozenset(),
+        timeout: float = 90,
     ) -> str:
         def probe() -> str | None:
             for pod in self.pods(name, component):
@@ -285,7 +287,9 @@ class Cluster:
                 return str(pod.metadata.name)
             return None
 
-        pod: str = wait_for(probe, timeout=90, interval=0.5, description=f"{component} pod {index} of {name} {phase}")
+        pod: str = wait_for(
+            probe, timeout=timeout, interval=0.5, description=f"{component} pod {index} of {name} {phase}"
+        )
         return pod
 
     def pass_validation(self, name: str, train_rows: int = 950) -> None:

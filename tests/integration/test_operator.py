@@ -23,7 +23,7 @@ from finetune_harness import (
     trainer_log_lines,
 )
 from kubernetes import client
-from kwokpods import terminate_pod, wait_for
+from kwokpods import restore_node_heartbeat, stop_node_heartbeat, terminate_pod, wait_for
 from testcluster import DevCluster
 
 from finetune_contract.protocol import (
@@ -185,6 +185,46 @@ def test_transient_failure_is_retried_then_succeeds(cluster: Cluster, operator: 
     # The GPU time of both pods, the failed one's too.
     assert done["gpuSeconds"] == cluster.gpu_seconds_of(first) + cluster.gpu_seconds_of(second)
     assert "TrainerRestarted" in cluster.event_reasons(name)
+
+
+@pytest.mark.parametrize("operator_identity", [CHART_SERVICE_ACCOUNT], indirect=True)
+def test_a_trainer_whose_node_stopped_reporting_is_released_and_replaced_as_a_disruption(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    name = cluster.apply_example("finetunejob.yaml", backoffLimit=0)
+    cluster.pass_validation(name)
+    first = cluster.wait_pod(name, "training")
+    node = cluster.core.read_namespaced_pod(first, cluster.namespace).spec.node_name
+    # The node's kubelet dies: nothing will confirm the pod's end. It is evicted (as the taint manager does once the
+    # node is NotReady) and kept from new pods, so that the replacement goes to the other A40 node.
+    stop_node_heartbeat(cluster.api, node)
+    cluster.core.patch_node(node, {"spec": {"unschedulable": True}})
+    try:
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": first, "namespace": cluster.namespace},
+            "deleteOptions": {"gracePeriodSeconds": 1},
+        }
+        cluster.core.create_namespaced_pod_eviction(first, cluster.namespace, eviction)
+        # Released past its grace and a margin, at the job's next resync.
+        second = cluster.wait_pod(name, "training", exclude=frozenset({first}), timeout=180)
+        wait_for(lambda: "LostPodReleased" in cluster.event_reasons(name), timeout=30, description="the release Event")
+        # backoffLimit 0: the lost pod counted as a disruption, not a failure.
+        restarted = cluster.wait_status(name, lambda s: s.get("restarts") == 1, "one restart counted")
+        assert restarted["phase"] in ("Starting", "Running")
+        cluster.wait_trainer_ran(second, 1)
+        terminate_pod(cluster.api, cluster.namespace, second, 0, message=termination_message(OUTPUT))
+        assert cluster.wait_phase(name, "Succeeded")["restarts"] == 1
+    finally:
+        cluster.core.patch_node(node, {"spec": {"unschedulable": False}})
+        restore_node_heartbeat(cluster.api, node)
+        wait_for(lambda: node_is_ready(cluster.core.read_node(node)), timeout=90, description=f"{node} Ready again")
+
+
+def node_is_ready(node: client.V1Node) -> bool:
+    ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+    return ready and not any(t.key.startswith("node.kubernetes.io/") for t in node.spec.taints or [])
 
 
 def test_sixteen_gpus_per_node_stay_queued_with_the_scheduler_reason(

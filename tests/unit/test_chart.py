@@ -31,6 +31,7 @@ OPERATOR_RIGHTS = {
     ("finetune.dev", "finetunejobs/finalizers", "update"),
     *(("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
     *(("", "pods", verb) for verb in ("get", "list", "watch", "delete")),
+    ("", "pods/status", "patch"),
     ("", "pods/log", "get"),
     *(("", resource, verb) for resource in ("configmaps", "services") for verb in ("get", "create", "delete")),
     *(("", "events", verb) for verb in ("create", "list", "watch")),

@@ -170,22 +170,20 @@ def test_job_without_queue_runs_unless_suspended() -> None:
     assert KUEUE_QUEUE_LABEL not in build_train_job(run_of(make_spec()))["metadata"]["labels"]
 
 
-def test_user_error_exit_code_fails_job_without_retry() -> None:
-    fail_on_user_error = {
-        "action": "FailJob",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_USER_ERROR]},
-    }
+def test_user_error_exit_code_fails_job_without_retry_and_disruptions_are_not_failures() -> None:
+    rules = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_USER_ERROR]},
+        },
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
     train = build_train_job(run_of(make_spec(backoffLimit=5)))
     assert train["spec"]["backoffLimit"] == 5
-    assert train["spec"]["podFailurePolicy"] == {
-        "rules": [
-            fail_on_user_error,
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]
-    }
+    assert train["spec"]["podFailurePolicy"] == {"rules": rules}
     assert pod_spec(train)["restartPolicy"] == "Never"
     validation = build_validation_job(run_of(make_spec()))
-    assert validation["spec"]["podFailurePolicy"] == {"rules": [fail_on_user_error]}
+    assert validation["spec"]["podFailurePolicy"] == {"rules": rules}
     assert validation["spec"]["backoffLimit"] == 2
     assert pod_spec(validation)["restartPolicy"] == "Never"
 

@@ -73,10 +73,14 @@ no right on them.
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Trainer pods: watched by kopf, listed by the periodic resync, read when a followed log ends; rank 0's log.
-# Deleted only when one has been terminating far past its grace because its node stopped reporting.
+# One that has been terminating far past its grace because its node stopped reporting is set Failed (its
+# `status`, as the pod garbage collector does for an out-of-service node) and deleted.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "delete"]
+- apiGroups: [""]
+  resources: ["pods/status"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
