@@ -19,8 +19,12 @@ from testcluster import DevCluster, install_crds, remove_nodes, with_audit_log
 
 pytestmark = pytest.mark.integration
 
-# The benchmark's bound on the state machine's status writes over one FineTuneJob's life (progress apart).
-MOST_STATUS_WRITES_PER_LIFECYCLE = 8
+# The benchmark's bounds on the state machine's status writes over one FineTuneJob's life (progress apart). A job
+# writes once per phase: Validating, Queued, Starting, Running, Succeeded. One more is allowed for a job that a
+# race sends through one more phase (a pod the scheduler cannot place at once); the mean catches a write more
+# for every job.
+MOST_STATUS_WRITES_PER_LIFECYCLE = 6
+MEAN_STATUS_WRITES_PER_LIFECYCLE = 5.5
 
 
 @pytest.fixture
@@ -38,6 +42,7 @@ def test_twenty_finetunejobs_cost_few_status_writes_and_none_that_echo(audited: 
     assert (result.bare.failed, result.operator.failed) == (0, 0)
     usage = result.usage
     assert usage.most("status_writes") <= MOST_STATUS_WRITES_PER_LIFECYCLE, format_table(result)
+    assert usage.total().status_writes / len(usage.per_job) <= MEAN_STATUS_WRITES_PER_LIFECYCLE, format_table(result)
     assert usage.total().noop_status_writes == 0, format_table(result)
     assert usage.most("creates") >= 3  # the audit log saw the operator's ConfigMap, validation Job, training Job
     assert result.view.reconciles >= 20  # the operator's metrics were read

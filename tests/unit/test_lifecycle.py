@@ -534,3 +534,149 @@ def test_a_disrupted_pod_is_announced_once_and_counted_as_a_restart() -> None:
     )
     assert "TrainerDisrupted" not in [n.reason for n in again.notices]
     assert again.status.restarts == 1
+
+
+# --- what a lifecycle costs in status writes ----------------------------------------------------------------
+
+
+def written_fields(before: FineTuneJobStatus, after: FineTuneJobStatus) -> set[str]:
+    """The status fields a write of `after` over `before` carries (the reconciler writes nothing when empty)."""
+    old = before.model_dump(mode="json", by_alias=True, exclude_none=True)
+    new = after.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+
+
+def validation_pod(phase: str, state: dict[str, Any]) -> dict[str, Any]:
+    return pod("demo-validate-x", phase=phase, state=state, node="cpu-node-0")
+
+
+def test_a_normal_lifecycle_writes_once_per_phase_and_once_more_for_a_minute_of_gpu_time() -> None:
+    report = ValidatedEvent(
+        resolved=ResolvedRun(
+            world_size=8, per_device_batch_size=1, gradient_accumulation_steps=1, effective_batch_size=8, train_rows=950
+        )
+    )
+    validating = validation_pod("Running", running_since("2026-11-28T12:00:01Z"))
+    reported = validation_pod("Succeeded", terminated(0, encode(report), "Completed"))
+    output = OutputEvent(weights="s3://bucket/ns/demo/", files=[], metrics={})
+    trainer_done = terminated(0, termination_message(output), "Completed")
+    trainer_done["terminated"]["finishedAt"] = "2026-11-28T12:03:30Z"
+    created = "2026-11-28T12:01:00Z"
+    # What the watches show, in order, as the reconciles after each event see it: (time, observation).
+    seen: list[tuple[str, dict[str, Any]]] = [
+        ("12:00", {}),
+        ("12:00", {"validation_job": job(), "validation_pods": [validating]}),
+        # The validation pod has reported; the Job controller has not marked its Job Complete yet.
+        ("12:01", {"validation_job": job(), "validation_pods": [reported]}),
+        ("12:01", {"validation_job": job(("Complete", "Completed")), "validation_pods": [reported]}),
+        ("12:01", {"train_job": job()}),
+        ("12:01", {"train_job": job(), "train_pods": [pod(phase="Pending", state={}, node=None, created=created)]}),
+        ("12:01", {"train_job": job(), "train_pods": [pod(phase="Pending", state={}, created=created)]}),
+        (
+            "12:01",
+            {
+                "train_job": job(),
+                "train_pods": [
+                    pod(phase="Pending", state={"waiting": {"reason": "ContainerCreating"}}, created=created)
+                ],
+            },
+        ),
+        (
+            "12:02",
+            {"train_job": job(), "train_pods": [pod(state=running_since("2026-11-28T12:02:00Z"), created=created)]},
+        ),
+        (
+            "12:02",
+            {"train_job": job(), "train_pods": [pod(state=running_since("2026-11-28T12:02:00Z"), created=created)]},
+        ),
+        (
+            "12:03",
+            {"train_job": job(), "train_pods": [pod(state=running_since("2026-11-28T12:02:00Z"), created=created)]},
+        ),
+        # The trainer has exited; its pod, then its Job, follow.
+        ("12:04", {"train_job": job(), "train_pods": [pod(state=trainer_done, created=created)]}),
+        ("12:04", {"train_job": job(), "train_pods": [pod(phase="Succeeded", state=trainer_done, created=created)]}),
+        (
+            "12:04",
+            {
+                "train_job": job(("Complete", "Completed")),
+                "train_pods": [pod(phase="Succeeded", state=trainer_done, created=created)],
+            },
+        ),
+        (
+            "12:05",
+            {
+                "train_job": job(("Complete", "Completed")),
+                "train_pods": [pod(phase="Succeeded", state=trainer_done, created=created)],
+            },
+        ),
+    ]
+    status = FineTuneJobStatus()
+    writes: list[tuple[Phase, set[str]]] = []
+    for clock, objects in seen:
+        after = decide(observe(status=status, now=at(clock), **objects)).status
+        fields = written_fields(status, after)
+        if fields:
+            writes.append((after.phase, fields))
+        status = after
+
+    assert [phase for phase, _ in writes] == [
+        Phase.VALIDATING,
+        Phase.QUEUED,
+        Phase.STARTING,
+        Phase.RUNNING,
+        Phase.RUNNING,
+        Phase.SUCCEEDED,
+    ]
+    assert writes[4][1] == {"gpuSeconds", "gpuSecondsUntil"}, "a minute of running time, and nothing else"
+    assert not [fields for _, fields in writes if fields <= {"message", "conditions"}], "no write for a note alone"
+    resolved_writes = [index for index, (_, fields) in enumerate(writes) if "resolved" in fields]
+    assert resolved_writes == [0, 1], "the plan at once, the data sizes with the write that marks the data valid"
+    assert status.resolved is not None
+    assert status.resolved.train_rows == 950
+    assert status.message == "the trainer finished and wrote the weights"
+    # 8 GPUs from 12:02:00 to the trainer's exit at 12:03:30, all counted at the end.
+    assert status.gpu_seconds == 8 * 90
+
+
+def test_pods_scheduled_and_starting_wait_for_the_next_write() -> None:
+    starting = decide(observe(status=validated_status(), train_job=job())).status
+    assert (starting.phase, starting.message) == (Phase.STARTING, "waiting for the trainer pods to start")
+    scheduled = [pod(phase="Pending", state={"waiting": {"reason": "ContainerCreating"}})]
+    assert decide(observe(status=starting, train_job=job(), train_pods=scheduled)).status == starting
+    # Written anyway (here: the spec changed), the status says where the pods are.
+    spec_changed = decide(observe(status=starting, generation=2, train_job=job(), train_pods=scheduled)).status
+    assert spec_changed.message == "the trainer pods are starting"
+    assert condition(Decision(spec_changed), ConditionType.ADMITTED) == ("True", "PodsScheduled")
+
+
+def test_a_pod_held_back_by_its_image_is_written_at_once_and_so_is_its_end() -> None:
+    starting = decide(observe(status=validated_status(), train_job=job())).status
+    backoff = pod(phase="Pending", state={"waiting": {"reason": "ImagePullBackOff", "message": "back-off pulling"}})
+    held = decide(observe(status=starting, train_job=job(), train_pods=[backoff])).status
+    assert held.message == "pod demo-train-0-abcde is ImagePullBackOff: back-off pulling"
+    pulled = pod(phase="Pending", state={"waiting": {"reason": "ContainerCreating"}})
+    after = decide(observe(status=held, train_job=job(), train_pods=[pulled])).status
+    assert after.message == "the trainer pods are starting", "the trouble is over: the status must not keep it"
+
+
+def test_the_data_sizes_wait_for_the_validation_job_to_complete() -> None:
+    report = ValidatedEvent(
+        resolved=ResolvedRun(
+            world_size=8, per_device_batch_size=1, gradient_accumulation_steps=1, effective_batch_size=8, train_rows=950
+        )
+    )
+    reported = validation_pod("Succeeded", terminated(0, encode(report), "Completed"))
+    validating = decide(observe()).status
+    assert decide(observe(status=validating, validation_job=job(), validation_pods=[reported])).status == validating
+
+
+def test_a_stopped_trainer_whose_pod_is_being_deleted_has_its_gpu_time_counted_at_once() -> None:
+    running = decide(observe(status=validated_status(), train_job=job(), train_pods=[pod()])).status
+    stopped = pod(state=terminated(137, reason="Error"))
+    stopped["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-11-28T12:00:20Z"
+    kept = decide(observe(status=running, train_job=job(), train_pods=[stopped], now=NOW + timedelta(seconds=30)))
+    assert kept.status.gpu_seconds == running.gpu_seconds, "its pod stays: counted at the next transition"
+    stopped["metadata"]["deletionTimestamp"] = "2026-11-28T12:00:25Z"
+    going = decide(observe(status=running, train_job=job(), train_pods=[stopped], now=NOW + timedelta(seconds=30)))
+    assert going.status.gpu_seconds == (running.gpu_seconds or 0) + 8 * 20

@@ -79,17 +79,26 @@ def unschedulable_message(pods: Sequence[Manifest]) -> str | None:
     return None
 
 
+def scheduled(pod: Manifest) -> bool:
+    """Whether the pod has been placed on a node."""
+    return bool(pod.get("spec", {}).get("nodeName"))
+
+
+# Waiting reasons every container goes through on its way to running: they tell nothing about trouble.
+_STARTING_WAITING = frozenset(("ContainerCreating", "PodInitializing"))
+
+
 def waiting_message(pods: Sequence[Manifest]) -> str | None:
-    """Why scheduled pods are not running yet (e.g. ImagePullBackOff), or None when none is scheduled."""
-    scheduled = [pod for pod in pods if pod.get("spec", {}).get("nodeName")]
-    if not scheduled:
-        return None
-    for pod in scheduled:
+    """Why a scheduled pod's trainer is held back (e.g. ImagePullBackOff), or None when nothing holds it back."""
+    for pod in pods:
+        if not scheduled(pod):
+            continue
         waiting = trainer_state(pod).get("waiting") or {}
-        if waiting.get("reason"):
+        reason = waiting.get("reason")
+        if reason and reason not in _STARTING_WAITING:
             detail = f": {waiting['message']}" if waiting.get("message") else ""
-            return f"pod {pod['metadata']['name']} is {waiting['reason']}{detail}"
-    return "the trainer pods are starting"
+            return f"pod {pod['metadata']['name']} is {reason}{detail}"
+    return None
 
 
 def termination_event(pods: Sequence[Manifest]) -> Event | None:

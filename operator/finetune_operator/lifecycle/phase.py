@@ -22,6 +22,7 @@ from finetune_operator.lifecycle.observed import (
     job_condition,
     pod_phase,
     rank0_output,
+    scheduled,
     stuck_pod,
     terminated,
     unschedulable_message,
@@ -32,6 +33,15 @@ from finetune_operator.lifecycle.observed import (
 ConditionValue = tuple[str, str, str]
 NAME_CONFLICT = "NameConflict"
 GROUP_RESTART = "RestartingGroup"
+
+# Notes on the way from one phase to the next, that every job passes through: a status shows the current one when
+# it is written anyway (at a transition, or for another change), never in a write of its own. A note about trouble
+# (a pod held back by its image, a Warning Event) is not one of them: it is written at once, and so is its end.
+WAITING_FOR_PODS = "waiting for the trainer pods to start"
+PODS_STARTING = "the trainer pods are starting"
+TRAINER_RUNNING = "the trainer is running"
+TRAINER_FINISHED = "the trainer finished; the Job is completing"
+PASSING_NOTES = frozenset((WAITING_FOR_PODS, PODS_STARTING, TRAINER_RUNNING, TRAINER_FINISHED))
 
 
 @dataclass(frozen=True)
@@ -190,22 +200,21 @@ def _training_step(obs: Observation, validated_now: bool = False) -> Step:
     if unschedulable:
         conditions[ConditionType.ADMITTED] = ("False", "Unschedulable", unschedulable)
         return Step(Phase.QUEUED, "Unschedulable", unschedulable, conditions, actions)
-    scheduled = (
+    admitted = (
         "the trainer pods have their GPUs" if obs.spec.resources.gpus_per_node else "the trainer pods are scheduled"
     )
-    conditions[ConditionType.ADMITTED] = ("True", "PodsScheduled", scheduled)
+    conditions[ConditionType.ADMITTED] = ("True", "PodsScheduled", admitted)
     if any(completion_index(pod) == 0 and pod_phase(pod) == "Running" for pod in active):
-        conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
-        return Step(Phase.RUNNING, "TrainingRunning", "the trainer is running", conditions, actions)
+        conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", TRAINER_RUNNING)
+        return Step(Phase.RUNNING, "TrainingRunning", TRAINER_RUNNING, conditions, actions)
     if any(completion_index(pod) == 0 and pod_phase(pod) == "Succeeded" for pod in obs.train_pods):
         # The trainer is done; the Job controller marks the Job Complete a moment later.
-        conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", "the trainer is running")
-        return Step(Phase.RUNNING, "TrainingRunning", "the trainer finished; the Job is completing", conditions)
-    waiting = waiting_message(active)
-    if waiting is None:
-        waiting = "waiting for the trainer pods to start"
+        conditions[ConditionType.RUNNING] = ("True", "TrainingRunning", TRAINER_RUNNING)
+        return Step(Phase.RUNNING, "TrainingRunning", TRAINER_FINISHED, conditions)
+    if not any(scheduled(pod) for pod in active):
         conditions.pop(ConditionType.ADMITTED)
-    return Step(Phase.STARTING, "PodsStarting", waiting, conditions, actions)
+        return Step(Phase.STARTING, "PodsStarting", WAITING_FOR_PODS, conditions, actions)
+    return Step(Phase.STARTING, "PodsStarting", waiting_message(active) or PODS_STARTING, conditions, actions)
 
 
 def _group_restart(obs: Observation, job: Manifest, conditions: dict[ConditionType, ConditionValue]) -> Step | None:

@@ -1,4 +1,9 @@
-"""status.resolved: the batch plan for the job's world size, and the data sizes the validation pod reported."""
+"""status.resolved: the batch plan for the job's world size, and the data sizes the validation pod reported.
+
+The plan is known from the spec and shown from the first write. The data sizes are taken once the validation Job
+is Complete, not as soon as its pod has reported them: they then arrive with the write that marks the data
+valid, not in a write of their own a moment before it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from finetune_contract.protocol import ValidatedEvent
 from finetune_operator.api.spec import FineTuneJobSpec
 from finetune_operator.api.status import Resolved
 from finetune_operator.lifecycle.observation import Notice, Observation
-from finetune_operator.lifecycle.observed import termination_event
+from finetune_operator.lifecycle.observed import job_condition, termination_event
 
 
 def resolve_status(spec: FineTuneJobSpec, obs: Observation) -> Resolved:
@@ -21,7 +26,8 @@ def resolve_status(spec: FineTuneJobSpec, obs: Observation) -> Resolved:
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         effective_batch_size=plan.effective_batch_size,
     )
-    validated = termination_event(obs.validation_pods)
+    complete = obs.validation_job is not None and job_condition(obs.validation_job, "Complete")
+    validated = termination_event(obs.validation_pods) if complete else None
     if isinstance(validated, ValidatedEvent):
         data = validated.resolved
         steps = data.steps_per_epoch

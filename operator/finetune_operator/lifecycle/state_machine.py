@@ -1,4 +1,8 @@
-"""`decide`: the phase step, then the bookkeeping every phase shares (conditions, times, GPU-seconds, resolved)."""
+"""`decide`: the phase step, then the bookkeeping every phase shares (conditions, times, GPU-seconds, resolved).
+
+A status write is worth making only when a user learns something from it: a passing note (phase.PASSING_NOTES)
+waits for the next write, and gpuSeconds for a transition or a minute of running time.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from finetune_operator.lifecycle.gpu_seconds import gpu_seconds
 from finetune_operator.lifecycle.kstatus import with_kstatus_conditions
 from finetune_operator.lifecycle.notices import disruption_notices, retry_notices, transition_notices
 from finetune_operator.lifecycle.observation import Action, Decision, Observation
-from finetune_operator.lifecycle.observed import disrupted_pods, job_failed_pods, rank0_output, trainer_state
-from finetune_operator.lifecycle.phase import Step, evaluate
+from finetune_operator.lifecycle.observed import deleting, disrupted_pods, job_failed_pods, rank0_output, trainer_state
+from finetune_operator.lifecycle.phase import PASSING_NOTES, Step, evaluate
 from finetune_operator.lifecycle.resolved import batch_notices, resolve_status
 from finetune_operator.lifecycle.ttl import ttl_after_finished
 from finetune_operator.timestamps import parse_timestamp, timestamp
@@ -26,7 +30,7 @@ def decide(obs: Observation) -> Decision:
     if previous.phase.finished:
         return _after_finish(obs)
     step = evaluate(obs)
-    status = _bookkeep(obs, step)
+    status = _held_note(previous, _bookkeep(obs, step))
     notices = [
         *transition_notices(previous, status, step),
         *disruption_notices(obs),
@@ -58,6 +62,17 @@ def _after_finish(obs: Observation) -> Decision:
     status = status.model_copy(update={"observed_generation": obs.generation})
     status = with_kstatus_conditions(status, timestamp(obs.now), obs.generation)
     return Decision(status=status, actions=actions, requeue_after=ttl.requeue_after)
+
+
+def _held_note(previous: FineTuneJobStatus, status: FineTuneJobStatus) -> FineTuneJobStatus:
+    """`status`, or `previous` when all that changed is one passing note for the next in the same phase (and the
+    conditions that say the same): that note is shown with the next write, not in a write of its own."""
+    if (status.phase, status.reason) != (previous.phase, previous.reason):
+        return status
+    if previous.message not in PASSING_NOTES or status.message not in PASSING_NOTES:
+        return status
+    held = status.model_copy(update={"message": previous.message, "conditions": previous.conditions})
+    return previous if held == previous else status
 
 
 def _bookkeep(obs: Observation, step: Step) -> FineTuneJobStatus:
@@ -113,10 +128,13 @@ def _workload(obs: Observation) -> Workload | None:
 
 
 def _gpu_seconds(obs: Observation, step: Step) -> tuple[int | None, str | None]:
-    """gpuSeconds and the time it counts up to: the GPU time since the last count is added at a transition, or
-    once it reaches GPU_SECONDS_REFRESH of running time.
+    """gpuSeconds and the time it counts up to: the GPU time since the last count is added at a transition, once
+    it reaches GPU_SECONDS_REFRESH of running time, or when a pod whose trainer stopped is being deleted (its
+    time would go with it).
 
-    A write for every second that passed would make each reconcile write, and each write cause a reconcile.
+    A write for every second that passed would make each reconcile write, and each write cause a reconcile. The
+    time of a trainer that stopped no longer grows and its pod stays with its Job: it waits for the transition
+    that follows (Succeeded, Failed, a retry's Starting).
     """
     previous, counted_until = obs.status.gpu_seconds, obs.status.gpu_seconds_until
     if obs.spec is None:
@@ -130,6 +148,8 @@ def _gpu_seconds(obs: Observation, step: Step) -> tuple[int | None, str | None]:
     added = gpu_seconds(gpus, obs.train_pods, since, now)
     transition = step.phase is not obs.status.phase or step.phase.finished
     running = sum(1 for pod in obs.train_pods if trainer_state(pod).get("running"))
-    if added == 0 or (not transition and added < running * gpus * GPU_SECONDS_REFRESH):
+    going = any(deleting(pod) and not trainer_state(pod).get("running") for pod in obs.train_pods)
+    due = transition or going or (running > 0 and added >= running * gpus * GPU_SECONDS_REFRESH)
+    if added == 0 or not due:
         return previous, counted_until
     return (previous or 0) + added, timestamp(now)
