@@ -35,7 +35,14 @@ class LogSource(Protocol):
     """Where logs come from (pod_logs.PodLogs)."""
 
     def lines(
-        self, namespace: str, pod: str, container: str, since_time: str | None, idle_timeout: float
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        since_time: str | None,
+        idle_timeout: float,
+        *,
+        follow: bool = True,
     ) -> AsyncIterator[str]: ...
 
     async def container_terminated(self, namespace: str, pod: str, container: str) -> bool: ...
@@ -128,18 +135,24 @@ class LogFollowers:
         cursor = LogCursor.starting_at(progress.last_heartbeat if progress is not None else None)
         throttle = _Throttle(lambda: self._patch(stream, report), settings.progress_interval_seconds)
         failures = 0
+        follow = True
         try:
             while True:
                 try:
-                    await self._read(stream, report, cursor, throttle)
-                    failures = 0
+                    await self._read(stream, report, cursor, throttle, follow=follow)
                 except (asyncio.CancelledError, _Gone):
                     raise
-                except Exception as error:  # the stream broke or went quiet: read on unless the trainer ended
+                except Exception as error:  # the stream broke or went quiet: read on
                     failures += 1
                     log.info("log stream of pod %s/%s ended (%s)", stream.namespace, stream.pod, error or type(error))
-                if await self._stopped_for_good(stream):
-                    break
+                    if follow and await self._stopped_for_good(stream):
+                        # It may have broken before the end of a log that is now complete: read the rest once,
+                        # without following, so that it ends at the end of the log.
+                        follow = False
+                else:
+                    failures = 0
+                    if not follow or await self._stopped_for_good(stream):
+                        break
                 cursor.rewind()
                 await asyncio.sleep(self._backoff(failures))
             report.flush(datetime.now(UTC))
@@ -156,8 +169,12 @@ class LogFollowers:
         self._finished.add(stream)
         self._on_end(stream)
 
-    async def _read(self, stream: Stream, report: TrainerLog, cursor: LogCursor, throttle: _Throttle) -> None:
-        lines = self._source.lines(stream.namespace, stream.pod, stream.container, cursor.since_time(), IDLE_SECONDS)
+    async def _read(
+        self, stream: Stream, report: TrainerLog, cursor: LogCursor, throttle: _Throttle, *, follow: bool
+    ) -> None:
+        lines = self._source.lines(
+            stream.namespace, stream.pod, stream.container, cursor.since_time(), IDLE_SECONDS, follow=follow
+        )
         async for raw in lines:
             stamp, text = split_timestamp(raw)
             if not cursor.admit(stamp):

@@ -62,14 +62,21 @@ class PodLogs:
             await self._session.close()
 
     async def lines(
-        self, namespace: str, pod: str, container: str, since_time: str | None, idle_timeout: float
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        since_time: str | None,
+        idle_timeout: float,
+        *,
+        follow: bool = True,
     ) -> AsyncIterator[str]:
-        """The container's log lines with their timestamps, following new ones until the stream ends.
+        """The container's log lines with their timestamps; `follow`: and new ones until the stream ends.
 
         Ends when the container stops, when the server closes the stream, or when nothing arrives for
-        `idle_timeout` seconds (asyncio.TimeoutError).
+        `idle_timeout` seconds (asyncio.TimeoutError). Without `follow`, at the end of what the log holds now.
         """
-        params = {"container": container, "follow": "true", "timestamps": "true"}
+        params = {"container": container, "follow": str(follow).lower(), "timestamps": "true"}
         if since_time is not None:
             params["sinceTime"] = since_time
         url = f"{self._configuration.host}/api/v1/namespaces/{namespace}/pods/{pod}/log"

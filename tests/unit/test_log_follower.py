@@ -33,14 +33,23 @@ class FakeApi:
         self.scripts = scripts
         self.terminated = terminated
         self.since: dict[str, list[str | None]] = {}
+        self.followed: dict[str, list[bool]] = {}
         self.patches: dict[str, list[Mapping[str, Any]]] = {}
         self.gone: set[str] = set()
         self.reading = asyncio.Event()  # a follower asked for a log
 
     def lines(
-        self, namespace: str, pod: str, container: str, since_time: str | None, idle_timeout: float
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        since_time: str | None,
+        idle_timeout: float,
+        *,
+        follow: bool = True,
     ) -> AsyncIterator[str]:
         self.since.setdefault(pod, []).append(since_time)
+        self.followed.setdefault(pod, []).append(follow)
         self.reading.set()
         return self.scripts[pod](since_time)
 
@@ -149,6 +158,32 @@ def test_a_broken_stream_resumes_where_it_stopped_and_reads_nothing_twice() -> N
         tail = api.patches["job"][-1]["logs"].splitlines()
         assert tail == [line.split(" ", 1)[1] for line in log]
         assert api.patches["job"][-1]["progress"]["step"] == 8
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_that_went_quiet_before_the_end_of_a_finished_log_is_read_to_its_end() -> None:
+    log = [stamped(second, progress(second)) for second in range(1, 9)]
+
+    async def scenario() -> None:
+        async def stalls_after_three(since: str | None) -> AsyncIterator[str]:
+            served = [line for line in log if since is None or line[:19] >= since[:19]]
+            if api.followed["job-pod"][-1]:
+                # The stream delivers three lines, then nothing while the trainer prints the rest and exits.
+                for line in served[:3]:
+                    yield line
+                raise TimeoutError("Timeout on reading data from socket")
+            for line in served:
+                yield line
+
+        api = FakeApi({"job-pod": stalls_after_three}, terminated=lambda _: True)
+        ended = Ends()
+        followers(api, ended).follow(stream("job"), FineTuneJobStatus())
+        await ended.wait_for()
+        assert api.followed["job-pod"] == [True, False]
+        assert api.since["job-pod"] == [None, "2026-11-28T12:00:03Z"]
+        assert api.patches["job"][-1]["progress"]["step"] == 8
+        assert api.patches["job"][-1]["logs"].splitlines() == [line.split(" ", 1)[1] for line in log]
 
     asyncio.run(scenario())
 
