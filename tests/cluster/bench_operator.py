@@ -276,30 +276,63 @@ class Profiler:
 
 
 _FRAME_LINE = re.compile(r":\d+\)$")
-_PACKAGE = re.compile(r"\((?:.*/site-packages/|.*/operator/|.*/lib/python3\.\d+/)?([A-Za-z_]\w*)")
+# The package of a frame outside the standard library (kopf's frames are relative to site-packages in py-spy's
+# output, this checkout's to its root).
+_PACKAGE = re.compile(r"\((?:.*/site-packages/|.*/operator/)?([a-z_][a-z0-9_]*)/[\w/]*\.py:\d+\)$")
+_STANDARD_LIBRARY = frozenset(sys.stdlib_module_names)
+# Leaf frames of a thread that waits (py-spy without --idle still samples some of them): for work (an event loop's
+# poll, an idle pool thread), or for the API server's answer (a socket read).
+_WAITING_FOR_WORK = ("EpollSelector.select (selectors.py)", "_worker (concurrent/futures/thread.py)")
+_WAITING_FOR_API = (
+    "SSLSocket.read (ssl.py)",
+    "SSLObject.read (ssl.py)",
+    "poll_wait_for_socket.<locals>.do_poll (urllib3/util/wait.py)",
+)
+
+
+def _innermost_package(frames: Sequence[str]) -> str:
+    for frame in reversed(frames):
+        match = _PACKAGE.search(frame)
+        if match is not None and match.group(1) not in _STANDARD_LIBRARY:
+            return match.group(1)
+    return "the standard library"
 
 
 def profile_summary(folded: str, top: int = 10) -> list[str]:
-    """Where the operator's busy samples went, from py-spy's collapsed stacks: the share of each package in the
-    stacks (a sample counts once per package it passes through) and the functions with the most own samples."""
+    """Where the operator's samples went, from py-spy's collapsed stacks: waiting for work, waiting for the API
+    server, and computing; for the computing samples, the share of each package (the innermost one outside the
+    standard library in the stack) and the functions with the most own samples."""
     own: collections.Counter[str] = collections.Counter()
     packages: collections.Counter[str] = collections.Counter()
-    total = 0
+    idle = api = computing = 0
     for line in folded.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        total += count
         frames = stack.split(";")
-        own[_FRAME_LINE.sub(")", frames[-1])] += count
-        for package in {match.group(1) for frame in frames if (match := _PACKAGE.search(frame))}:
-            packages[package] += count
+        leaf = _FRAME_LINE.sub(")", frames[-1])
+        if leaf in _WAITING_FOR_WORK:
+            idle += count
+            continue
+        if leaf in _WAITING_FOR_API:
+            api += count
+            continue
+        computing += count
+        own[leaf] += count
+        packages[_innermost_package(frames)] += count
+    total = idle + api + computing
     if not total:
-        return ["py-spy recorded no busy samples"]
-    lines = [f"where the operator's busy time went (py-spy, {total} samples at {Profiler.RATE}/s):"]
-    lines.append("  by package: " + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in packages.most_common(8)))
-    lines += [f"  {100 * count / total:5.1f}%  {frame}" for frame, count in own.most_common(top)]
+        return ["py-spy recorded no samples"]
+    lines = [
+        f"where the operator's threads were (py-spy, {total} samples at {Profiler.RATE}/s): waiting for work "
+        f"{100 * idle / total:.0f}%, for the API server's answers {100 * api / total:.0f}%, computing "
+        f"{100 * computing / total:.0f}%"
+    ]
+    if computing:
+        shares = ", ".join(f"{name} {100 * n / computing:.0f}%" for name, n in packages.most_common(8))
+        lines.append(f"  computing, by package: {shares}")
+        lines += [f"  {100 * count / computing:5.1f}%  {frame}" for frame, count in own.most_common(top)]
     return lines
 
 

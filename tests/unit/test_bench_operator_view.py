@@ -32,22 +32,25 @@ def test_a_histogram_without_observations_has_no_p99() -> None:
     assert math.isnan(histogram_p99([(0.1, 0.0), (math.inf, 0.0)]))
 
 
-def test_the_profile_summary_counts_packages_once_per_sample_and_functions_by_own_time() -> None:
+def test_the_profile_summary_tells_waiting_from_computing_and_counts_packages_once_per_sample() -> None:
     site = "/work/.venv/lib/python3.11/site-packages"
     folded = "\n".join(
         [
             "run (kopf/_core/reactor/running.py:10);loads (json/decoder.py:5);raw_decode (json/decoder.py:7) 30",
             f"_call ({site}/finetune_operator/kube.py:120);request ({site}/urllib3/pool.py:3);read (ssl.py:9) 50",
             f"_call ({site}/finetune_operator/kube.py:121);deserialize ({site}/kubernetes/client.py:4) 20",
+            f"_call ({site}/finetune_operator/kube.py:122);SSLSocket.read (ssl.py:1167) 60",
+            "run_forever (asyncio/base_events.py:1);EpollSelector.select (selectors.py:468) 40",
         ]
     )
     lines = profile_summary(folded)
-    assert lines[0].startswith("where the operator's busy time went (py-spy, 100 samples")
-    assert "finetune_operator 70%" in lines[1]
-    assert "urllib3 50%" in lines[1]
+    assert lines[0].startswith("where the operator's threads were (py-spy, 200 samples")
+    assert lines[0].endswith("waiting for work 20%, for the API server's answers 30%, computing 50%")
+    # By the innermost package outside the standard library.
+    assert lines[1] == "  computing, by package: urllib3 50%, kopf 30%, kubernetes 20%"
     # Lines of one function count together.
     assert lines[2].split() == ["50.0%", "read", "(ssl.py)"]
 
 
 def test_an_empty_profile_says_so() -> None:
-    assert profile_summary("") == ["py-spy recorded no busy samples"]
+    assert profile_summary("") == ["py-spy recorded no samples"]
