@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,14 @@ CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGER_NAME}"
 HEALTH = Health()
 
 
+class EventsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """The operator has event handlers only (no on.create/update/delete): the essence kopf builds of every body
+    for change detection, a deep copy of it, would go unused."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+
 @dataclass
 class Runtime:
     cache: Cache
@@ -54,6 +62,7 @@ class Runtime:
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.WARNING
+    settings.persistence.diffbase_storage = EventsOnlyDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30

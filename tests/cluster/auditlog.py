@@ -42,19 +42,55 @@ WRITE_VERBS = frozenset(("create", "update", "patch", "delete", "deletecollectio
 FINAL_STAGES = ("ResponseComplete", "Panic")
 
 
+@dataclass(frozen=True)
+class AuditMark:
+    """Where the audit log stood: its file (by inode: the API server renames it `audit-<time>.log` when it rotates
+    it at --audit-log-maxsize) and its size."""
+
+    path: Path
+    inode: int
+    offset: int
+
+
+def mark_audit_log(path: Path) -> AuditMark:
+    stat = path.stat()
+    return AuditMark(path, stat.st_ino, stat.st_size)
+
+
+def audit_files_since(mark: AuditMark) -> list[tuple[Path, int]]:
+    """The files that hold what was logged since `mark`, oldest first, each with the offset to read it from: the
+    file that was current at the mark (renamed since if the log rotated), the ones rotated after it, the current."""
+    # Rotated files are named by the time of their rotation, so their names sort in order.
+    files = [*sorted(mark.path.parent.glob(f"{mark.path.stem}-*{mark.path.suffix}")), mark.path]
+    for index, candidate in enumerate(files):
+        if candidate.stat().st_ino == mark.inode:
+            return [(candidate, mark.offset), *((later, 0) for later in files[index + 1 :])]
+    raise FileNotFoundError(f"the audit log file current at the mark (inode {mark.inode}) is gone")
+
+
 def read_audit_events(path: Path, offset: int = 0) -> list[Obj]:
-    """The requests logged from byte `offset` on, one event per request (its last stage)."""
+    """The requests logged in `path` from byte `offset` on, one event per request (its last stage)."""
+    return _read_events([(path, offset)])
+
+
+def read_audit_events_since(mark: AuditMark) -> list[Obj]:
+    """The requests logged since `mark`, across rotations of the log."""
+    return _read_events(audit_files_since(mark))
+
+
+def _read_events(files: Iterable[tuple[Path, int]]) -> list[Obj]:
     events: dict[str, Obj] = {}
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        for raw in handle:
-            try:
-                event: Obj = json.loads(raw)
-            except ValueError:  # a line being written as we read
-                continue
-            audit_id = event.get("auditID", "")
-            if audit_id not in events or event.get("stage") in FINAL_STAGES:
-                events[audit_id] = event
+    for path, offset in files:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            for raw in handle:
+                try:
+                    event: Obj = json.loads(raw)
+                except ValueError:  # a line being written as we read
+                    continue
+                audit_id = event.get("auditID", "")
+                if audit_id not in events or event.get("stage") in FINAL_STAGES:
+                    events[audit_id] = event
     return list(events.values())
 
 

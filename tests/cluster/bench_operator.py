@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from auditlog import Usage, operator_usage, read_audit_events
+from auditlog import Usage, mark_audit_log, operator_usage, read_audit_events_since
 from informer import Informer, Obj
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -494,7 +494,7 @@ def run_operator(
             operator.start()
             wait_for(operator.healthy, timeout=120, description="the operator's liveness endpoint")
             profiler = Profiler(operator.pid, workdir / f"operator-{n}.pyspy.txt") if profile else None
-            audit_offset = devcluster.audit_log.stat().st_size
+            audit_mark = mark_audit_log(devcluster.audit_log)
             before = operator.usage()
             names = [f"ftj-{i}" for i in range(n)]
             created_at: dict[str, float] = {}
@@ -546,7 +546,7 @@ def run_operator(
             exit_to_final=exit_to_final,
             failed=sum(phase != "Succeeded" for phase in phases.final_phase.values()),
         )
-        events = read_audit_events(devcluster.audit_log, audit_offset)
+        events = read_audit_events_since(audit_mark)
         usage = operator_usage(events, identity.username, namespace, names)
         return OperatorRun(side, usage, cost, view, summary)
     finally:

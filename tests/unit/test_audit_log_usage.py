@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from auditlog import count_noop_writes, json_patch_status, merge_patch, operator_usage, read_audit_events
+from auditlog import (
+    count_noop_writes,
+    json_patch_status,
+    mark_audit_log,
+    merge_patch,
+    operator_usage,
+    read_audit_events,
+    read_audit_events_since,
+)
 
 from finetune_operator.kube import LOG_FOLLOWER_MANAGER, STATE_MACHINE_MANAGER
 
@@ -153,3 +161,18 @@ def test_each_request_is_read_once_from_its_last_stage(tmp_path: Path) -> None:
     events = read_audit_events(log)
     assert sorted(e["stage"] for e in events) == ["ResponseComplete", "ResponseComplete"]
     assert read_audit_events(log, offset=len(lines[0]) + 1)[0]["verb"] == "get"
+
+
+def test_requests_since_a_mark_are_read_across_a_rotation_of_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    before, during, after = (json.dumps(event("get", "pods", name)) + "\n" for name in ("before", "during", "after"))
+    log.write_text(before)
+    mark = mark_audit_log(log)
+    with log.open("a") as handle:
+        handle.write(during)
+    # The API server rotates the log: the current file is renamed with the time, and a new one begins.
+    log.rename(tmp_path / "audit-2026-11-30T01-49-20.616.log")
+    (tmp_path / "audit-2026-11-30T00-10-00.000.log").write_text(json.dumps(event("get", "pods", "older")) + "\n")
+    log.write_text(after)
+    names = [e["objectRef"]["name"] for e in read_audit_events_since(mark)]
+    assert names == ["during", "after"]
