@@ -62,6 +62,7 @@ from simtrainer import (
     BENCH_MANAGER,
     SIMULATED_DESTINATION,
     SIMULATED_SPEC,
+    PodRecord,
     SimTrainer,
     TrainerTiming,
     finetunejob_manifest,
@@ -108,6 +109,8 @@ class SideResult:
     # seconds from seeing rank 0 exit to seeing the final phase (the bare Job's Complete condition)
     exit_to_final: list[float]
     failed: int = 0
+    # the most rank-0 trainers running at the same moment (their running status seen, their end not yet)
+    most_running: int = 0
 
 
 @dataclass
@@ -136,6 +139,24 @@ class BenchResult:
 
     def ratio(self, floor: SideResult) -> float:
         return self.operator.makespan / floor.makespan if floor.makespan else math.inf
+
+
+def most_at_once(spans: Iterable[tuple[float, float]]) -> int:
+    """The most (start, end) spans open at one moment; one that ends as another starts does not overlap it."""
+    moments = sorted(edge for start, end in spans for edge in ((start, 1), (end, -1)))
+    open_now = most = 0
+    for _, change in moments:
+        open_now += change
+        most = max(most, open_now)
+    return most
+
+
+def trainers_running_at_once(pods: Iterable[PodRecord]) -> int:
+    return most_at_once(
+        (pod.running_at, pod.ended_at)
+        for pod in pods
+        if pod.rank0_trainer and pod.running_at is not None and pod.ended_at is not None
+    )
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -176,6 +197,7 @@ def format_table(result: BenchResult) -> str:
             spread(result.operator.exit_to_final),
             "",
         ),
+        ("trainers running at once (most)", str(result.bare.most_running), str(result.operator.most_running), ""),
         ("failed", str(result.bare.failed), str(result.operator.failed), ""),
         ("operator API writes per job lifecycle", "", "mean", "most"),
         ("  creates", "", per_job(total.creates), str(usage.most("creates"))),
@@ -405,6 +427,7 @@ def run_bare(
                 if job.finished_at is not None and (exited := exits.get(job.uid)) is not None
             ],
             failed=sum(job.succeeded is False for job in jobs),
+            most_running=trainers_running_at_once(pods),
         )
     finally:
         delete_namespace(devcluster.api, namespace, timeout=side_timeout(n, timing))
@@ -545,6 +568,7 @@ def run_operator(
             ],
             exit_to_final=exit_to_final,
             failed=sum(phase != "Succeeded" for phase in phases.final_phase.values()),
+            most_running=trainers_running_at_once(pods),
         )
         events = read_audit_events_since(audit_mark)
         usage = operator_usage(events, identity.username, namespace, names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench_operator import histogram_p99, operator_view, profile_summary
+from bench_operator import histogram_p99, most_at_once, operator_view, profile_summary
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 
@@ -54,3 +54,10 @@ def test_the_profile_summary_tells_waiting_from_computing_and_counts_packages_on
 
 def test_an_empty_profile_says_so() -> None:
     assert profile_summary("") == ["py-spy recorded no samples"]
+
+
+def test_spans_open_at_once_are_counted_at_their_busiest_moment() -> None:
+    assert most_at_once([]) == 0
+    assert most_at_once([(0, 10), (2, 4), (3, 12), (11, 13)]) == 3
+    # One that ends as another starts does not overlap it.
+    assert most_at_once([(0, 5), (5, 10)]) == 1
