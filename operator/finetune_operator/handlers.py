@@ -51,6 +51,7 @@ class EventsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
 class Runtime:
     cache: Cache
     queue: WorkQueue
+    reconciler: Reconciler
     followers: LogFollowers
     pod_logs: PodLogs
     api: KubeApi
@@ -82,11 +83,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         queue.add((stream.namespace, stream.finetunejob))
 
     followers = LogFollowers(pod_logs, api, operator_settings, on_end=stream_ended, loop=loop)
-    queue = WorkQueue(
-        Reconciler(api, cache, operator_settings, followers).reconcile,
-        operator_settings.workers,
-        transient=TRANSIENT_API_ERRORS,
-    )
+    reconciler = Reconciler(api, cache, operator_settings, followers)
+    queue = WorkQueue(reconciler.reconcile, operator_settings.workers, transient=TRANSIENT_API_ERRORS)
     queue.start()
     HEALTH.stalled = lambda: queue.stalled(operator_settings.health_stall_seconds)
     for phase in Phase:
@@ -95,7 +93,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     resync = asyncio.create_task(_resync(api, cache, queue, operator_settings.resync_seconds), name="resync")
     webhooks = WebhookDispatcher(api, operator_settings)
     await webhooks.start()
-    runtime = memo["runtime"] = Runtime(cache, queue, followers, pod_logs, api, resync, webhooks)
+    runtime = memo["runtime"] = Runtime(cache, queue, reconciler, followers, pod_logs, api, resync, webhooks)
     # `finetune-operator run --api-listen HOST:PORT`: Replicate's trainings API beside the handlers.
     if memo.get("api_listen"):
         server = trainings_api(client, operator_settings, memo.get("namespaces") or ())
@@ -112,6 +110,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         await runtime.resync
     await runtime.followers.stop_all()
     await runtime.queue.stop()
+    runtime.reconciler.close()
     await runtime.webhooks.stop()
     await runtime.pod_logs.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -80,11 +81,18 @@ class Reconciler:
         # Disrupted trainer pods already counted and announced, per FineTuneJob (its UID, the pods' UIDs), kept
         # while it runs: dropped when it finishes or goes, so a deleted job leaves nothing behind.
         self._disruptions: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
+        # Reconciles block on API calls: they get threads of their own, as many as run at once (settings.workers),
+        # not asyncio's default pool (a few threads on a small node, shared with the log followers' writes).
+        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         with metrics.RECONCILE_SECONDS.time():
             try:
-                requeue = await asyncio.to_thread(self.reconcile_blocking, *key)
+                loop = asyncio.get_running_loop()
+                requeue = await loop.run_in_executor(self._executor, self.reconcile_blocking, *key)
             except Exception:
                 metrics.RECONCILES.labels(result="error").inc()
                 raise
