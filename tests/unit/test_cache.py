@@ -240,14 +240,21 @@ def children_read(observation: Observation, log: list[tuple[Path_, Any]]) -> Obs
     )
 
 
+def observe_both_forms(
+    state: str, change: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Observation, Observation, datetime]:
+    """A scenario's observation from the whole objects and from their cached form, 20 minutes into the job."""
+    items = scenario(state, change)
+    now = parse_timestamp(items[0]["metadata"]["creationTimestamp"]) + timedelta(minutes=20)
+    whole = observe(items, now, keep_whole=True, monkeypatch=monkeypatch)
+    return whole, observe(items, now, keep_whole=False, monkeypatch=monkeypatch), now
+
+
 @pytest.mark.parametrize(("state", "change"), SCENARIOS)
 def test_a_reconcile_decides_the_same_from_the_cached_form_as_from_the_whole_objects(
     state: str, change: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    items = scenario(state, change)
-    now = parse_timestamp(items[0]["metadata"]["creationTimestamp"]) + timedelta(minutes=20)
-    whole = observe(items, now, keep_whole=True, monkeypatch=monkeypatch)
-    cached = observe(items, now, keep_whole=False, monkeypatch=monkeypatch)
+    whole, cached, _ = observe_both_forms(state, change, monkeypatch)
     assert whole.train_pods  # the children were found
     assert whole.validation_job is not None
     assert decide(cached) == decide(whole)
@@ -257,10 +264,7 @@ def test_a_reconcile_decides_the_same_from_the_cached_form_as_from_the_whole_obj
 def test_the_cached_form_keeps_every_field_the_lifecycle_and_the_lost_pod_check_read(
     state: str, change: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    items = scenario(state, change)
-    now = parse_timestamp(items[0]["metadata"]["creationTimestamp"]) + timedelta(minutes=20)
-    whole = observe(items, now, keep_whole=True, monkeypatch=monkeypatch)
-    cached = observe(items, now, keep_whole=False, monkeypatch=monkeypatch)
+    whole, cached, now = observe_both_forms(state, change, monkeypatch)
     log: list[tuple[Path_, Any]] = []
     read = children_read(whole, log)
     decide(read)
