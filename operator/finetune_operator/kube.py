@@ -298,18 +298,14 @@ class KubeApi:
 
     def force_delete_pod(self, namespace: str, name: str, uid: str) -> None:
         """Remove a pod whose kubelet will never confirm its end (its node stopped reporting)."""
-        options = kubernetes.client.V1DeleteOptions(
-            grace_period_seconds=0, preconditions=kubernetes.client.V1Preconditions(uid=uid)
+        self._delete(
+            "pods",
+            lambda options: self.core.delete_namespaced_pod(
+                name, namespace, body=options, _request_timeout=self._timeout
+            ),
+            uid,
+            grace_period_seconds=0,
         )
-        try:
-            self._call(
-                "delete",
-                "pods",
-                lambda: self.core.delete_namespaced_pod(name, namespace, body=options, _request_timeout=self._timeout),
-            )
-        except ApiException as error:
-            if error.status not in (404, 409):
-                raise
 
     def delete_child(self, kind: str, namespace: str, name: str, uid: str) -> None:
         """Delete the ConfigMap or Service with `uid`."""
@@ -323,10 +319,19 @@ class KubeApi:
             uid,
         )
 
-    def _delete(self, resource: str, call: Callable[[Any], Any], uid: str, propagation: str = "Background") -> None:
+    def _delete(
+        self,
+        resource: str,
+        call: Callable[[Any], Any],
+        uid: str,
+        propagation: str = "Background",
+        grace_period_seconds: int | None = None,
+    ) -> None:
         """Delete the object with `uid` only: a re-created namesake fails the precondition and stays."""
         options = kubernetes.client.V1DeleteOptions(
-            propagation_policy=propagation, preconditions=kubernetes.client.V1Preconditions(uid=uid)
+            propagation_policy=propagation,
+            grace_period_seconds=grace_period_seconds,
+            preconditions=kubernetes.client.V1Preconditions(uid=uid),
         )
         try:
             self._call("delete", resource, lambda: call(options))

@@ -31,8 +31,8 @@ class LostPod:
     overdue_seconds: float
     # Set the pod Failed first: a pod that already ended only needs deleting.
     needs_failing: bool
-    # The types of its conditions that are True; has_conditions: whether it has a conditions list at all.
-    true_conditions: tuple[str, ...]
+    # Whether it has a True DisruptionTarget condition already (the taint manager's), and a conditions list at all.
+    marked_disrupted: bool
     has_conditions: bool
 
 
@@ -58,10 +58,9 @@ def lost_pods(pods: Iterable[Mapping[str, Any]], now: datetime) -> list[LostPod]
                 uid=metadata["uid"],
                 overdue_seconds=overdue,
                 needs_failing=status.get("phase") not in TERMINAL_PHASES,
-                true_conditions=tuple(
-                    str(condition.get("type"))
+                marked_disrupted=any(
+                    condition.get("type") == DISRUPTION_CONDITION and condition.get("status") == "True"
                     for condition in status.get("conditions") or ()
-                    if condition.get("status") == "True"
                 ),
                 has_conditions="conditions" in status,
             )
@@ -75,7 +74,7 @@ def failed_status_patch(pod: LostPod, now: str) -> list[dict[str, Any]]:
         {"op": "test", "path": "/metadata/uid", "value": pod.uid},
         {"op": "replace", "path": "/status/phase", "value": "Failed"},
     ]
-    if DISRUPTION_CONDITION not in pod.true_conditions:
+    if not pod.marked_disrupted:
         condition = {
             "type": DISRUPTION_CONDITION,
             "status": "True",
