@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from auditlog import Usage, mark_audit_log, operator_usage, read_audit_events_since
 from informer import Informer, Obj
@@ -57,6 +57,7 @@ from operatorprocess import (
     install_operator_identity,
     remove_operator_identity,
 )
+from periodic import Periodic
 from prometheus_client.parser import text_string_to_metric_families
 from simtrainer import (
     BENCH_MANAGER,
@@ -467,27 +468,23 @@ class PhaseWatch:
         self._informer.stop()
 
 
-class UsageSampler:
+class UsageSampler(Periodic):
     """The most threads the operator process had, sampled every half second."""
 
     def __init__(self, operator: OperatorProcess) -> None:
+        super().__init__("usage-sampler", 0.5)
         self.most_threads = 0
         self._operator = operator
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="usage-sampler", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.5) and self._operator.running():
-            self.most_threads = max(self.most_threads, self._operator.usage().threads)
+    def tick(self) -> bool:
+        if not self._operator.running():
+            return False
+        self.most_threads = max(self.most_threads, self._operator.usage().threads)
+        return True
 
-    def __enter__(self) -> UsageSampler:
+    def __enter__(self) -> Self:
         self.most_threads = self._operator.usage().threads
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        return super().__enter__()
 
 
 @dataclass

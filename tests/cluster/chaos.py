@@ -59,6 +59,7 @@ from operatorprocess import (
     install_operator_identity,
     remove_operator_identity,
 )
+from periodic import Periodic
 from simtrainer import JobRecord, PodRecord, SimTrainer, TrainerTiming, finetunejob_manifest, job_uid_of_output
 from testcluster import (
     DevCluster,
@@ -425,7 +426,7 @@ class ObjectSource(Protocol):
     def objects(self) -> list[Obj]: ...
 
 
-class ProgressMonitor:
+class ProgressMonitor(Periodic):
     """Finds FineTuneJobs whose progress stays still while their trainer's log grows.
 
     Every few seconds it compares each running rank-0 trainer (one that printed a step lately) with its
@@ -435,6 +436,7 @@ class ProgressMonitor:
     """
 
     def __init__(self, trainer: TrainerView, finetunejobs: ObjectSource, frozen_seconds: float) -> None:
+        super().__init__("progress-monitor", 2.0)
         self._trainer = trainer
         self._finetunejobs = finetunejobs
         self._frozen_seconds = frozen_seconds
@@ -442,8 +444,6 @@ class ProgressMonitor:
         self._faults = 0
         self.quiet_since = time.monotonic()
         self.frozen: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="progress-monitor", daemon=True)
 
     @contextlib.contextmanager
     def fault(self, lasting_after: float = 0.0) -> Iterator[None]:
@@ -455,9 +455,9 @@ class ProgressMonitor:
             self._faults -= 1
             self.quiet_since = max(self.quiet_since, time.monotonic() + lasting_after)
 
-    def _run(self) -> None:
-        while not self._stop.wait(2.0):
-            self.sample(time.monotonic())
+    def tick(self) -> bool:
+        self.sample(time.monotonic())
+        return True
 
     def sample(self, now: float) -> None:
         steps = {
@@ -489,14 +489,6 @@ class ProgressMonitor:
                     f"{name}: progress.step {step} for {now - since:.0f}s while {pod.name} printed up to "
                     f"step {pod.last_step}"
                 )
-
-    def __enter__(self) -> ProgressMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
